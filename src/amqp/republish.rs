@@ -1,0 +1,193 @@
+//! Publishing with publisher confirms: dead letters, delayed retries and
+//! index operations.
+//!
+//! Every message the writer publishes is `mandatory` (an unroutable message
+//! comes back instead of vanishing) and confirmed by the broker before the
+//! delivery it stands for is acked (CONTRACT section 6, last line). Dead
+//! letters and retries keep the body byte for byte and the original
+//! properties and headers, and carry `x-retry-count`, `x-original-queue`,
+//! `x-error` and `x-first-failure` (CONTRACT section 3, Topology).
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
+
+/// One message to publish to the default exchange.
+pub struct Outgoing<'a> {
+    /// Target queue (routing key on the default exchange).
+    pub queue: String,
+    /// Body bytes.
+    pub data: &'a [u8],
+    /// Properties, headers included.
+    pub properties: BasicProperties,
+}
+
+/// A confirm-mode channel shared by the consumers of one connection.
+#[derive(Clone)]
+pub struct Republisher {
+    channel: Channel,
+}
+
+impl Republisher {
+    /// Opens a channel on `conn` and turns on publisher confirms.
+    pub async fn open(conn: &Connection) -> lapin::Result<Republisher> {
+        let channel = conn.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok(Republisher { channel })
+    }
+
+    /// Publishes every message, then waits for all confirms.
+    ///
+    /// Errors: a channel or connection failure, a broker nack, or a message
+    /// returned as unroutable, as one line. The caller must not ack what
+    /// these messages stand for; it reconnects (which redeclares queues).
+    pub async fn publish_all(&self, messages: &[Outgoing<'_>]) -> Result<(), String> {
+        let mut pending = Vec::with_capacity(messages.len());
+        for m in messages {
+            let confirm = self
+                .channel
+                .basic_publish(
+                    "".into(),
+                    m.queue.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    m.data,
+                    m.properties.clone(),
+                )
+                .await
+                .map_err(|e| format!("publish to {}: {e}", m.queue))?;
+            pending.push((m.queue.as_str(), confirm));
+        }
+        for (queue, confirm) in pending {
+            match confirm
+                .await
+                .map_err(|e| format!("confirm from {queue}: {e}"))?
+            {
+                Confirmation::Ack(None) | Confirmation::NotRequested => {}
+                Confirmation::Ack(Some(_)) => {
+                    return Err(format!("{queue}: message returned as unroutable"))
+                }
+                Confirmation::Nack(_) => return Err(format!("{queue}: broker nacked the publish")),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `x-retry-count` of a delivery (0 when absent or not an integer).
+pub fn retry_count(props: &BasicProperties) -> i64 {
+    header(props, "x-retry-count").and_then(as_i64).unwrap_or(0)
+}
+
+fn header<'a>(props: &'a BasicProperties, name: &str) -> Option<&'a AMQPValue> {
+    props.headers().as_ref()?.inner().get(name)
+}
+
+fn as_i64(v: &AMQPValue) -> Option<i64> {
+    Some(match v {
+        AMQPValue::ShortShortInt(x) => i64::from(*x),
+        AMQPValue::ShortShortUInt(x) => i64::from(*x),
+        AMQPValue::ShortInt(x) => i64::from(*x),
+        AMQPValue::ShortUInt(x) => i64::from(*x),
+        AMQPValue::LongInt(x) => i64::from(*x),
+        AMQPValue::LongUInt(x) => i64::from(*x),
+        AMQPValue::LongLongInt(x) => *x,
+        AMQPValue::Timestamp(x) => *x as i64,
+        _ => return None,
+    })
+}
+
+/// The properties of a retried or dead-lettered copy of a delivery from
+/// `queue`: the original properties and headers, plus the failure headers.
+/// `x-first-failure` (unix seconds) is kept from an earlier failure.
+pub fn failure_properties(
+    original: &BasicProperties,
+    queue: &str,
+    reason: &str,
+    retry_count: i64,
+    now_secs: i64,
+) -> BasicProperties {
+    let mut headers = original.headers().clone().unwrap_or_default();
+    let first = header(original, "x-first-failure")
+        .and_then(as_i64)
+        .unwrap_or(now_secs);
+    let reason: String = reason
+        .replace(['\n', '\r'], " ")
+        .chars()
+        .take(1000)
+        .collect();
+    headers.insert("x-retry-count".into(), AMQPValue::LongLongInt(retry_count));
+    headers.insert(
+        "x-original-queue".into(),
+        AMQPValue::LongString(LongString::from(queue)),
+    );
+    headers.insert(
+        "x-error".into(),
+        AMQPValue::LongString(LongString::from(reason)),
+    );
+    headers.insert("x-first-failure".into(), AMQPValue::LongLongInt(first));
+    original.clone().with_headers(headers)
+}
+
+/// Properties of an internal message: persistent, with a content type.
+pub fn persistent(content_type: &str) -> BasicProperties {
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type(content_type.into())
+}
+
+/// A header table from pairs, for tests and tools.
+pub fn headers_of(pairs: &[(&str, AMQPValue)]) -> FieldTable {
+    let mut t = FieldTable::default();
+    for (k, v) in pairs {
+        t.insert((*k).into(), v.clone());
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failure_headers_keep_the_original_ones() {
+        let orig = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_timestamp(42)
+            .with_headers(headers_of(&[
+                ("trace", AMQPValue::LongString("abc".into())),
+                ("x-first-failure", AMQPValue::LongLongInt(1000)),
+                ("x-retry-count", AMQPValue::LongInt(2)),
+            ]));
+        assert_eq!(retry_count(&orig), 2);
+        let p = failure_properties(&orig, "create_messages", "parent\nmissing", 3, 2000);
+        assert_eq!(
+            p.content_type().as_ref().map(|s| s.as_str()),
+            Some("application/json")
+        );
+        assert_eq!(*p.timestamp(), Some(42));
+        let h = p.headers().as_ref().unwrap().inner();
+        assert_eq!(h.get("trace"), Some(&AMQPValue::LongString("abc".into())));
+        assert_eq!(h.get("x-retry-count"), Some(&AMQPValue::LongLongInt(3)));
+        assert_eq!(
+            h.get("x-first-failure"),
+            Some(&AMQPValue::LongLongInt(1000))
+        );
+        assert_eq!(
+            h.get("x-error"),
+            Some(&AMQPValue::LongString("parent missing".into()))
+        );
+        assert_eq!(
+            h.get("x-original-queue"),
+            Some(&AMQPValue::LongString("create_messages".into()))
+        );
+        let fresh = failure_properties(&BasicProperties::default(), "q", "bad", 0, 7);
+        assert_eq!(retry_count(&fresh), 0);
+        let h = fresh.headers().as_ref().unwrap().inner();
+        assert_eq!(h.get("x-first-failure"), Some(&AMQPValue::LongLongInt(7)));
+    }
+}

@@ -1,0 +1,476 @@
+//! Configuration from the environment (CONTRACT section 2).
+//!
+//! This file owns the list of variables, their defaults and the parsing of
+//! each value. Nothing else reads the environment. A bad value becomes a
+//! [`ConfigError`] that names the variable and the accepted form; `main`
+//! turns it into exit code 2 (CONTRACT section 1).
+
+use std::fmt;
+use std::time::Duration;
+
+/// One documented variable: name, default, meaning. `--help` and the README
+/// print this table, so the list cannot drift from the parser.
+pub struct Variable {
+    /// Environment variable name.
+    pub name: &'static str,
+    /// Default used when the variable is not set at all.
+    pub default: &'static str,
+    /// One line for `--help`.
+    pub help: &'static str,
+}
+
+/// Every variable the writer reads, in `--help` order (CONTRACT section 2,
+/// plus `RETRY_DELAYS` from section 3 "Topology").
+pub const VARIABLES: &[Variable] = &[
+    Variable {
+        name: "DATABASE_HOST",
+        default: "db",
+        help: "MySQL host",
+    },
+    Variable {
+        name: "DATABASE_PORT",
+        default: "3306",
+        help: "MySQL port (1..65535)",
+    },
+    Variable {
+        name: "DATABASE_USERNAME",
+        default: "root",
+        help: "MySQL user",
+    },
+    Variable {
+        name: "DATABASE_PASSWORD",
+        default: "password",
+        help: "MySQL password; set to empty for none",
+    },
+    Variable {
+        name: "DATABASE_NAME",
+        default: "auth_api_development",
+        help: "MySQL database",
+    },
+    Variable {
+        name: "REDIS_URL",
+        default: "redis://redis:6379/0",
+        help: "Redis URL, database number in the path",
+    },
+    Variable {
+        name: "RABBITMQ_URL",
+        default: "amqp://guest:guest@rabbitmq:5672/",
+        help: "AMQP URL, vhost in the path (%2f = /)",
+    },
+    Variable {
+        name: "ELASTICSEARCH_URL",
+        default: "http://elasticsearch:9200",
+        help: "Elasticsearch/OpenSearch base URL; empty disables indexing",
+    },
+    Variable {
+        name: "ELASTICSEARCH_INDEX",
+        default: "messages",
+        help: "index (or alias) name",
+    },
+    Variable {
+        name: "COUNT_SYNC_INTERVAL",
+        default: "10s",
+        help: "count sync period: 500ms, 10s, 2m or bare seconds",
+    },
+    Variable {
+        name: "COUNT_RECONCILE_INTERVAL",
+        default: "60s",
+        help: "full SCAN of the counters; same forms",
+    },
+    Variable {
+        name: "RABBITMQ_PREFETCH_COUNT",
+        default: "256",
+        help: "unacked deliveries per consumer (1..65535); also the largest batch",
+    },
+    Variable {
+        name: "DB_MAX_OPEN_CONNS",
+        default: "10",
+        help: "MySQL pool size (1..1000)",
+    },
+    Variable {
+        name: "DB_MAX_IDLE_CONNS",
+        default: "5",
+        help: "MySQL connections kept open when idle (0..DB_MAX_OPEN_CONNS)",
+    },
+    Variable {
+        name: "SHUTDOWN_TIMEOUT",
+        default: "30s",
+        help: "hard deadline for graceful shutdown; same forms",
+    },
+    Variable {
+        name: "RETRY_DELAYS",
+        default: "1s,5s,30s,2m,10m",
+        help: "delayed-retry tiers for a missing parent or row, comma separated",
+    },
+    Variable {
+        name: "RUST_LOG",
+        default: "info",
+        help: "log level: error, warn, info, debug, trace",
+    },
+];
+
+/// A configuration value that cannot be used. `Display` gives
+/// `VARIABLE=value: expected <accepted form>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The variable at fault.
+    pub variable: &'static str,
+    /// The value seen.
+    pub value: String,
+    /// The accepted form, in words.
+    pub expected: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid configuration: {}={:?}: expected {}",
+            self.variable, self.value, self.expected
+        )
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The writer's whole configuration, parsed and checked.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// MySQL host name or address.
+    pub database_host: String,
+    /// MySQL TCP port.
+    pub database_port: u16,
+    /// MySQL user.
+    pub database_username: String,
+    /// MySQL password (empty means none).
+    pub database_password: String,
+    /// MySQL database (schema) name.
+    pub database_name: String,
+    /// Redis connection URL.
+    pub redis_url: String,
+    /// AMQP connection URL.
+    pub rabbitmq_url: String,
+    /// Elasticsearch base URL without a trailing slash; `None` disables indexing.
+    pub elasticsearch_url: Option<String>,
+    /// Index or alias name.
+    pub elasticsearch_index: String,
+    /// Period of the change-set count sync.
+    pub count_sync_interval: Duration,
+    /// Period of the full SCAN reconciliation.
+    pub count_reconcile_interval: Duration,
+    /// Prefetch per consumer, and so the largest batch.
+    pub prefetch: u16,
+    /// MySQL pool maximum.
+    pub db_max_open_conns: usize,
+    /// MySQL connections kept when idle.
+    pub db_max_idle_conns: usize,
+    /// Hard deadline for graceful shutdown.
+    pub shutdown_timeout: Duration,
+    /// Delayed-retry tiers, shortest first.
+    pub retry_delays: Vec<Duration>,
+    /// Log level.
+    pub log_level: log::LevelFilter,
+}
+
+impl Config {
+    /// Reads every variable of [`VARIABLES`] from the process environment.
+    ///
+    /// Errors: the first variable whose value does not parse.
+    pub fn from_env() -> Result<Config, ConfigError> {
+        Config::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Same as [`Config::from_env`] with an explicit lookup, for tests.
+    /// A variable that is set (even to "") wins over its default.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let get = |name: &'static str| -> String {
+            lookup(name).unwrap_or_else(|| {
+                VARIABLES
+                    .iter()
+                    .find(|v| v.name == name)
+                    .map(|v| v.default.to_string())
+                    .unwrap_or_default()
+            })
+        };
+        let non_empty = |name: &'static str| -> Result<String, ConfigError> {
+            let v = get(name);
+            if v.is_empty() {
+                Err(err(name, &v, "a non-empty value"))
+            } else {
+                Ok(v)
+            }
+        };
+        let es = get("ELASTICSEARCH_URL");
+        let elasticsearch_url = if es.is_empty() {
+            None
+        } else if es.starts_with("http://") || es.starts_with("https://") {
+            Some(es.trim_end_matches('/').to_string())
+        } else {
+            return Err(err(
+                "ELASTICSEARCH_URL",
+                &es,
+                "an http:// or https:// URL, or empty",
+            ));
+        };
+        let redis_url = non_empty("REDIS_URL")?;
+        if !(redis_url.starts_with("redis://") || redis_url.starts_with("rediss://")) {
+            return Err(err("REDIS_URL", &redis_url, "a redis:// URL"));
+        }
+        let rabbitmq_url = non_empty("RABBITMQ_URL")?;
+        if !(rabbitmq_url.starts_with("amqp://") || rabbitmq_url.starts_with("amqps://")) {
+            return Err(err("RABBITMQ_URL", &rabbitmq_url, "an amqp:// URL"));
+        }
+        let index = non_empty("ELASTICSEARCH_INDEX")?;
+        if index.contains(['/', '\\', '*', '?', '"', '<', '>', '|', ' ', ',', '#', ':'])
+            || index.starts_with(['-', '_', '+'])
+            || index != index.to_lowercase()
+        {
+            return Err(err(
+                "ELASTICSEARCH_INDEX",
+                &index,
+                "a lowercase index name without spaces or /\\*?\"<>|,#:",
+            ));
+        }
+        let db_max_open_conns =
+            int("DB_MAX_OPEN_CONNS", &get("DB_MAX_OPEN_CONNS"), 1, 1000)? as usize;
+        let db_max_idle_conns = int(
+            "DB_MAX_IDLE_CONNS",
+            &get("DB_MAX_IDLE_CONNS"),
+            0,
+            db_max_open_conns as u64,
+        )? as usize;
+        let retry_raw = get("RETRY_DELAYS");
+        let mut retry_delays = Vec::new();
+        for part in retry_raw
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+        {
+            let d = parse_duration(part).ok_or_else(|| {
+                err(
+                    "RETRY_DELAYS",
+                    &retry_raw,
+                    "comma-separated durations like 1s,5s,30s,2m,10m",
+                )
+            })?;
+            if d.is_zero() {
+                return Err(err("RETRY_DELAYS", &retry_raw, "durations above zero"));
+            }
+            retry_delays.push(d);
+        }
+        let level_raw = get("RUST_LOG");
+        let log_level = match level_raw.trim().to_ascii_lowercase().as_str() {
+            "off" => log::LevelFilter::Off,
+            "error" => log::LevelFilter::Error,
+            "warn" => log::LevelFilter::Warn,
+            "info" | "" => log::LevelFilter::Info,
+            "debug" => log::LevelFilter::Debug,
+            "trace" => log::LevelFilter::Trace,
+            _ => {
+                return Err(err(
+                    "RUST_LOG",
+                    &level_raw,
+                    "one of off, error, warn, info, debug, trace",
+                ))
+            }
+        };
+        Ok(Config {
+            database_host: non_empty("DATABASE_HOST")?,
+            database_port: int("DATABASE_PORT", &get("DATABASE_PORT"), 1, 65535)? as u16,
+            database_username: non_empty("DATABASE_USERNAME")?,
+            database_password: get("DATABASE_PASSWORD"),
+            database_name: database_name(get("DATABASE_NAME"))?,
+            redis_url,
+            rabbitmq_url,
+            elasticsearch_url,
+            elasticsearch_index: index,
+            count_sync_interval: duration("COUNT_SYNC_INTERVAL", &get("COUNT_SYNC_INTERVAL"))?,
+            count_reconcile_interval: duration(
+                "COUNT_RECONCILE_INTERVAL",
+                &get("COUNT_RECONCILE_INTERVAL"),
+            )?,
+            prefetch: int(
+                "RABBITMQ_PREFETCH_COUNT",
+                &get("RABBITMQ_PREFETCH_COUNT"),
+                1,
+                65535,
+            )? as u16,
+            db_max_open_conns,
+            db_max_idle_conns,
+            shutdown_timeout: duration("SHUTDOWN_TIMEOUT", &get("SHUTDOWN_TIMEOUT"))?,
+            retry_delays,
+            log_level,
+        })
+    }
+}
+
+fn err(variable: &'static str, value: &str, expected: &str) -> ConfigError {
+    ConfigError {
+        variable,
+        value: value.to_string(),
+        expected: expected.to_string(),
+    }
+}
+
+fn int(name: &'static str, raw: &str, min: u64, max: u64) -> Result<u64, ConfigError> {
+    match raw.trim().parse::<u64>() {
+        Ok(v) if (min..=max).contains(&v) => Ok(v),
+        _ => Err(err(name, raw, &format!("an integer from {min} to {max}"))),
+    }
+}
+
+fn duration(name: &'static str, raw: &str) -> Result<Duration, ConfigError> {
+    match parse_duration(raw) {
+        Some(d) if !d.is_zero() => Ok(d),
+        _ => Err(err(
+            name,
+            raw,
+            "a duration above zero: 500ms, 10s, 2m, 1h or bare seconds",
+        )),
+    }
+}
+
+fn database_name(name: String) -> Result<String, ConfigError> {
+    // Quoted with backticks in `CREATE DATABASE`; MySQL allows 64 characters.
+    if name.is_empty() || name.len() > 64 || name.contains(['`', '\0', '/', '\\', '.']) {
+        return Err(err(
+            "DATABASE_NAME",
+            &name,
+            "1..64 characters without backtick, slash, backslash or dot",
+        ));
+    }
+    Ok(name)
+}
+
+/// Parses `500ms`, `10s`, `2m`, `1h` or bare (possibly fractional) seconds.
+/// Returns `None` for anything else, including negative values.
+pub fn parse_duration(raw: &str) -> Option<Duration> {
+    let s = raw.trim();
+    let (num, unit_secs) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60.0)
+    } else if let Some(n) = s.strip_suffix('h') {
+        (n, 3600.0)
+    } else {
+        (s, 1.0)
+    };
+    let num = num.trim();
+    if num.is_empty() || !num.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        return None;
+    }
+    let v: f64 = num.parse().ok()?;
+    let secs = v * unit_secs;
+    if !secs.is_finite() || secs > 365.0 * 86400.0 {
+        return None;
+    }
+    Some(Duration::from_secs_f64(secs))
+}
+
+/// Formats a duration the way the variables accept it (`500ms`, `10s`, `2m`),
+/// used for delay-queue names such as `create_messages.retry.5s`.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms % 3_600_000 == 0 {
+        format!("{}h", ms / 3_600_000)
+    } else if ms % 60_000 == 0 {
+        format!("{}m", ms / 60_000)
+    } else if ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn cfg(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let c = cfg(&[]).unwrap();
+        assert_eq!(c.database_host, "db");
+        assert_eq!(c.database_port, 3306);
+        assert_eq!(c.database_username, "root");
+        assert_eq!(c.database_password, "password");
+        assert_eq!(c.database_name, "auth_api_development");
+        assert_eq!(c.redis_url, "redis://redis:6379/0");
+        assert_eq!(c.rabbitmq_url, "amqp://guest:guest@rabbitmq:5672/");
+        assert_eq!(
+            c.elasticsearch_url.as_deref(),
+            Some("http://elasticsearch:9200")
+        );
+        assert_eq!(c.elasticsearch_index, "messages");
+        assert_eq!(c.count_sync_interval, Duration::from_secs(10));
+        assert_eq!(c.count_reconcile_interval, Duration::from_secs(60));
+        assert_eq!(c.prefetch, 256);
+        assert_eq!(c.db_max_open_conns, 10);
+        assert_eq!(c.db_max_idle_conns, 5);
+        assert_eq!(c.shutdown_timeout, Duration::from_secs(30));
+        assert_eq!(
+            c.retry_delays,
+            [1, 5, 30, 120, 600].map(Duration::from_secs).to_vec()
+        );
+        assert_eq!(c.log_level, log::LevelFilter::Info);
+    }
+
+    #[test]
+    fn empty_values_win_over_defaults() {
+        let c = cfg(&[("DATABASE_PASSWORD", ""), ("ELASTICSEARCH_URL", "")]).unwrap();
+        assert_eq!(c.database_password, "");
+        assert_eq!(c.elasticsearch_url, None);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10s"), Some(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("7"), Some(Duration::from_secs(7)));
+        assert_eq!(parse_duration("0.25"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
+        for bad in ["", "soon", "-1s", "1d", "s", "1.2.3s", "NaN"] {
+            assert_eq!(parse_duration(bad), None, "{bad}");
+        }
+        assert_eq!(format_duration(Duration::from_secs(5)), "5s");
+        assert_eq!(format_duration(Duration::from_secs(120)), "2m");
+        assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        for (var, val) in [
+            ("DATABASE_PORT", "99999"),
+            ("DATABASE_PORT", "x"),
+            ("RABBITMQ_PREFETCH_COUNT", "0"),
+            ("RABBITMQ_PREFETCH_COUNT", "abc"),
+            ("COUNT_SYNC_INTERVAL", "soon"),
+            ("COUNT_RECONCILE_INTERVAL", "0s"),
+            ("SHUTDOWN_TIMEOUT", "-3"),
+            ("DB_MAX_OPEN_CONNS", "0"),
+            ("DB_MAX_IDLE_CONNS", "11"),
+            ("RUST_LOG", "loud"),
+            ("ELASTICSEARCH_URL", "ftp://x"),
+            ("ELASTICSEARCH_INDEX", "Bad Index"),
+            ("RABBITMQ_URL", "http://x"),
+            ("REDIS_URL", ""),
+            ("DATABASE_NAME", "a`b"),
+            ("RETRY_DELAYS", "1s,never"),
+        ] {
+            let e = cfg(&[(var, val)]).unwrap_err();
+            assert_eq!(e.variable, var);
+            assert!(e.to_string().contains(var), "{e}");
+        }
+    }
+}

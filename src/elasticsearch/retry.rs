@@ -1,0 +1,186 @@
+//! The retry decision for `_bulk`, written as an explicit classification of
+//! responses (CONTRACT section 6 row "Elasticsearch", case 5).
+//!
+//! A bulk request can fail as a whole (transport error, 429, 5xx, index
+//! missing) or answer 200 with `"errors": true` and a status per item. Items
+//! are classified one by one: 2xx done; 409 (an equal or newer version is
+//! already stored, `external_gte`) done; 429 and 5xx retried alone; a missing
+//! index recreated then retried; anything else (400 mapping error, …) is
+//! refused for good and dead-lettered rather than retried forever.
+
+use serde::Deserialize;
+
+/// What to do with one document of a bulk request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ItemVerdict {
+    /// Stored, or superseded by a newer version (409).
+    Done,
+    /// Transient (429, 5xx): send this document again after a backoff.
+    Retry(String),
+    /// The index does not exist: create it, then send again.
+    IndexMissing,
+    /// Refused for good (400 and other 4xx): dead-letter with the reason.
+    Reject(String),
+}
+
+/// What to do with a whole bulk request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BulkVerdict {
+    /// Every item done (`"errors": false`).
+    AllDone,
+    /// Per-item verdicts, in request order.
+    Items(Vec<ItemVerdict>),
+    /// The request failed as a whole for a transient reason: send it all
+    /// again after a backoff.
+    RetryAll(String),
+    /// The index is missing: create it, then send it all again.
+    IndexMissing,
+    /// The request was refused as a whole (400): dead-letter every item.
+    RejectAll(String),
+}
+
+#[derive(Deserialize)]
+struct BulkBody {
+    #[serde(default)]
+    errors: bool,
+    #[serde(default)]
+    items: Vec<serde_json::Map<String, serde_json::Value>>,
+}
+
+fn error_text(v: Option<&serde_json::Value>) -> (String, String) {
+    let Some(e) = v else {
+        return (String::new(), String::new());
+    };
+    let kind = e
+        .get("type")
+        .and_then(|t| t.as_str())
+        .unwrap_or("")
+        .to_string();
+    let reason = e
+        .get("reason")
+        .and_then(|t| t.as_str())
+        .unwrap_or("")
+        .to_string();
+    (kind, reason)
+}
+
+fn item_verdict(status: u16, kind: &str, reason: &str) -> ItemVerdict {
+    match status {
+        200..=299 | 409 => ItemVerdict::Done,
+        404 if kind == "index_not_found_exception" => ItemVerdict::IndexMissing,
+        429 | 500..=599 => ItemVerdict::Retry(format!("{status} {kind}: {reason}")),
+        _ => ItemVerdict::Reject(format!("{status} {kind}: {reason}").replace(['\n', '\r'], " ")),
+    }
+}
+
+/// Classifies an HTTP answer to `POST /<index>/_bulk` for `expected` items.
+pub fn classify(status: u16, body: &[u8], expected: usize) -> BulkVerdict {
+    let top_error = || -> (String, String) {
+        let v: Option<serde_json::Value> = serde_json::from_slice(body).ok();
+        error_text(v.as_ref().and_then(|v| v.get("error")))
+    };
+    match status {
+        200 => {}
+        404 => {
+            let (kind, reason) = top_error();
+            return if kind == "index_not_found_exception" {
+                BulkVerdict::IndexMissing
+            } else {
+                BulkVerdict::RetryAll(format!("404 {kind}: {reason}"))
+            };
+        }
+        400 => {
+            let (kind, reason) = top_error();
+            return BulkVerdict::RejectAll(
+                format!("400 {kind}: {reason}").replace(['\n', '\r'], " "),
+            );
+        }
+        // 401/403 are configuration problems an operator fixes; 413, 429 and
+        // 5xx pass. None of them is the documents' fault: retry.
+        _ => {
+            let (kind, reason) = top_error();
+            return BulkVerdict::RetryAll(format!("HTTP {status} {kind}: {reason}"));
+        }
+    }
+    let parsed: BulkBody = match serde_json::from_slice(body) {
+        Ok(b) => b,
+        Err(e) => return BulkVerdict::RetryAll(format!("unreadable bulk response: {e}")),
+    };
+    if !parsed.errors {
+        return BulkVerdict::AllDone;
+    }
+    if parsed.items.len() != expected {
+        return BulkVerdict::RetryAll(format!(
+            "bulk response has {} items for {expected} documents",
+            parsed.items.len()
+        ));
+    }
+    let verdicts = parsed
+        .items
+        .iter()
+        .map(|item| {
+            // Each item is {"index": {...}} (or create/update/delete).
+            let Some(inner) = item.values().next() else {
+                return ItemVerdict::Retry("empty bulk item".into());
+            };
+            let status = inner.get("status").and_then(|s| s.as_u64()).unwrap_or(0) as u16;
+            let (kind, reason) = error_text(inner.get("error"));
+            item_verdict(status, &kind, &reason)
+        })
+        .collect();
+    BulkVerdict::Items(verdicts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Real bodies: osmem-server 0.1.6 (OpenSearch API 3.8.0) and Elasticsearch 8.
+    const PARTIAL: &str = r#"{"errors":true,"items":[{"index":{"_id":"a:1:1","_index":"t1","_primary_term":1,"_seq_no":0,"_shards":{"failed":0,"successful":1,"total":2},"_version":5,"result":"created","status":201}},{"index":{"_id":"a:1:1","_index":"t1","error":{"index":"t1","index_uuid":"_na_","reason":"[a:1:1]: version conflict, current version [5] is higher than the one provided [3]","shard":"0","type":"version_conflict_engine_exception"},"status":409}},{"index":{"_index":"messages","_id":"a:1:2","status":429,"error":{"type":"es_rejected_execution_exception","reason":"rejected execution of coordinating operation"}}},{"index":{"_index":"messages","_id":"a:1:3","status":400,"error":{"type":"mapper_parsing_exception","reason":"failed to parse field [chat_number] of type [integer]"}}},{"index":{"_index":"messages","_id":"a:1:4","status":503,"error":{"type":"unavailable_shards_exception","reason":"primary shard is not active"}}},{"index":{"_index":"messages","_id":"a:1:5","status":404,"error":{"type":"index_not_found_exception","reason":"no such index [messages]"}}}]}"#;
+
+    #[test]
+    fn partial_failures_are_classified_per_item() {
+        let BulkVerdict::Items(v) = classify(200, PARTIAL.as_bytes(), 6) else {
+            panic!()
+        };
+        assert_eq!(v[0], ItemVerdict::Done);
+        assert_eq!(v[1], ItemVerdict::Done);
+        assert!(
+            matches!(&v[2], ItemVerdict::Retry(r) if r.starts_with("429 es_rejected_execution_exception"))
+        );
+        assert!(matches!(&v[3], ItemVerdict::Reject(r) if r.contains("mapper_parsing_exception")));
+        assert!(matches!(&v[4], ItemVerdict::Retry(r) if r.starts_with("503")));
+        assert_eq!(v[5], ItemVerdict::IndexMissing);
+    }
+
+    #[test]
+    fn whole_request_outcomes() {
+        let ok = r#"{"errors":false,"items":[{"index":{"_id":"a:1:1","status":201,"result":"created"}}],"took":1}"#;
+        assert_eq!(classify(200, ok.as_bytes(), 1), BulkVerdict::AllDone);
+        let missing = r#"{"error":{"root_cause":[{"type":"index_not_found_exception","reason":"no such index [m]"}],"type":"index_not_found_exception","reason":"no such index [m]","index":"m"},"status":404}"#;
+        assert_eq!(
+            classify(404, missing.as_bytes(), 1),
+            BulkVerdict::IndexMissing
+        );
+        let busy = r#"{"error":{"type":"es_rejected_execution_exception","reason":"rejected execution"},"status":429}"#;
+        assert!(
+            matches!(classify(429, busy.as_bytes(), 1), BulkVerdict::RetryAll(r) if r.contains("429"))
+        );
+        assert!(matches!(
+            classify(502, b"<html>bad gateway</html>", 1),
+            BulkVerdict::RetryAll(_)
+        ));
+        let bad = r#"{"error":{"type":"illegal_argument_exception","reason":"Malformed action/metadata line [1]"},"status":400}"#;
+        assert!(
+            matches!(classify(400, bad.as_bytes(), 1), BulkVerdict::RejectAll(r) if r.contains("Malformed"))
+        );
+        assert!(matches!(
+            classify(200, b"{\"errors\":true,\"items\":[]}", 1),
+            BulkVerdict::RetryAll(_)
+        ));
+        assert!(matches!(
+            classify(200, b"not json", 1),
+            BulkVerdict::RetryAll(_)
+        ));
+    }
+}

@@ -1,0 +1,99 @@
+//! `chat-writer` command line: the service, `migrate`, `--help`,
+//! `--version` (CONTRACT section 1). Exit codes: 0 clean, 1 fatal error,
+//! 2 bad configuration or usage.
+
+use chat_writer::config::{Config, VARIABLES};
+use std::process::ExitCode;
+
+fn help() -> String {
+    let mut s = format!(
+        "{}\n\nThe write side of the chat platform: consumes create_chats, create_messages and\n\
+         update_messages from RabbitMQ into MySQL and Elasticsearch, and syncs Redis counters\n\
+         into MySQL counts.\n\n\
+         USAGE:\n  chat-writer            run the service (stop with SIGTERM or SIGINT)\n  \
+         chat-writer migrate    create DATABASE_NAME if missing and its schema, then exit\n  \
+         chat-writer --help     this text\n  chat-writer --version  version, commit and build date\n\n\
+         ENVIRONMENT (a variable set to the empty string wins over its default):\n",
+        chat_writer::version_line()
+    );
+    let width = VARIABLES.iter().map(|v| v.name.len()).max().unwrap_or(0);
+    for v in VARIABLES {
+        let default = if v.default.is_empty() {
+            "\"\"".to_string()
+        } else {
+            v.default.to_string()
+        };
+        s.push_str(&format!(
+            "  {:width$}  {}  (default: {default})\n",
+            v.name, v.help
+        ));
+    }
+    s.push_str("\nEXIT CODES: 0 clean shutdown, 1 fatal error, 2 bad configuration or usage.\n");
+    s
+}
+
+fn config() -> Result<Config, ExitCode> {
+    Config::from_env().map_err(|e| {
+        eprintln!("chat-writer: {e}");
+        ExitCode::from(2)
+    })
+}
+
+fn init_logging(level: log::LevelFilter) {
+    let _ = simple_logger::SimpleLogger::new()
+        .with_level(log::LevelFilter::Warn)
+        .with_module_level("chat_writer", level)
+        .with_utc_timestamps()
+        .init();
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        ["--help" | "-h" | "help"] => {
+            print!("{}", help());
+            ExitCode::SUCCESS
+        }
+        ["--version" | "-V" | "version"] => {
+            println!("{}", chat_writer::version_line());
+            ExitCode::SUCCESS
+        }
+        ["migrate"] => {
+            let cfg = match config() {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            init_logging(cfg.log_level);
+            match smol::block_on(chat_writer::mysql::migrate(&cfg)) {
+                Ok(()) => {
+                    log::info!(
+                        "migrate: database {} and its schema are in place",
+                        cfg.database_name
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    log::error!("migrate failed: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        [] => {
+            let cfg = match config() {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            init_logging(cfg.log_level);
+            ExitCode::from(chat_writer::service::run(cfg) as u8)
+        }
+        other => {
+            eprintln!("chat-writer: unknown arguments {other:?}; see chat-writer --help");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,106 @@
+//! The MySQL store: the pool, the schema, and every batched statement.
+//!
+//! mysql_async is tokio-based; every future of it is polled inside
+//! `async_compat::Compat`, which runs a small tokio runtime on one helper
+//! thread for its I/O (CONTRACT section 1 allows this adapter thread). All
+//! statements of a batch share one transaction on one pooled connection.
+//!
+//! Errors are classified once, in [`classify`]: a fault of the message
+//! itself (a value the database rejects, a missing parent) or of the
+//! infrastructure (everything else: retried in place by the caller).
+
+mod schema;
+pub mod sql;
+mod writes;
+
+pub use schema::migrate;
+pub use writes::{MessageRow, Outcome};
+
+use crate::config::Config;
+use async_compat::Compat;
+use mysql_async::{Opts, OptsBuilder, Pool, PoolConstraints, PoolOpts};
+use std::time::Duration;
+
+/// Statements run on every new connection: utf8mb4 end to end (case 1),
+/// UTC, strict mode with backslash escapes (see `sql`).
+pub fn connection_init() -> Vec<String> {
+    vec![
+        "SET NAMES utf8mb4 COLLATE utf8mb4_unicode_ci".into(),
+        "SET time_zone = '+00:00'".into(),
+        "SET sql_mode = 'STRICT_ALL_TABLES,NO_ZERO_DATE,NO_ENGINE_SUBSTITUTION'".into(),
+    ]
+}
+
+/// How a database error counts (CONTRACT section 6).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// Connection refused/reset, server gone, deadlock, lock wait timeout,
+    /// missing table, anything unknown: retry in place, never dead-letter.
+    Infrastructure(String),
+    /// The data itself is refused (bad value, FK failure): isolate the
+    /// message and dead-letter it (or retry with delay for a missing parent).
+    Message(String),
+}
+
+/// Classifies a mysql_async error. Only a short list of server error codes
+/// (data and constraint errors) are the message's fault; everything else is
+/// infrastructure, so an outage or a missing schema never dead-letters.
+pub fn classify(e: &mysql_async::Error) -> Fault {
+    if let mysql_async::Error::Server(s) = e {
+        // 1048 column null, 1264 out of range, 1292 bad datetime, 1366 bad
+        // string value, 1406 data too long, 1452 foreign key, 4025 CHECK.
+        if matches!(s.code, 1048 | 1264 | 1292 | 1366 | 1406 | 1452 | 4025) {
+            return Fault::Message(format!("MySQL error {}: {}", s.code, s.message));
+        }
+    }
+    Fault::Infrastructure(one_line(&e.to_string()))
+}
+
+fn one_line(s: &str) -> String {
+    s.replace(['\n', '\r'], " ")
+}
+
+/// The MySQL side of the writer: a pool sized by DB_MAX_OPEN_CONNS, keeping
+/// DB_MAX_IDLE_CONNS connections when idle. Dead connections are replaced by
+/// the pool on the next checkout.
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool,
+}
+
+impl Store {
+    /// Builds the pool; connects lazily on first use.
+    pub fn new(cfg: &Config) -> Store {
+        Store {
+            pool: Pool::new(opts(cfg, Some(&cfg.database_name))),
+        }
+    }
+
+    /// The pool, for the count sync and tests.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Closes every connection; waits for checked-out ones to come back.
+    pub async fn close(self) {
+        let _ = Compat::new(self.pool.disconnect()).await;
+    }
+}
+
+/// Connection options for `cfg`, with or without a default database.
+pub fn opts(cfg: &Config, db: Option<&str>) -> Opts {
+    let constraints = PoolConstraints::new(cfg.db_max_idle_conns, cfg.db_max_open_conns)
+        .unwrap_or_else(|| PoolConstraints::new(0, cfg.db_max_open_conns).expect("max >= 1"));
+    let pool_opts = PoolOpts::default()
+        .with_constraints(constraints)
+        .with_inactive_connection_ttl(Duration::from_secs(60));
+    OptsBuilder::default()
+        .ip_or_hostname(cfg.database_host.clone())
+        .tcp_port(cfg.database_port)
+        .user(Some(cfg.database_username.clone()))
+        .pass(Some(cfg.database_password.clone()))
+        .db_name(db.map(str::to_string))
+        .init(connection_init())
+        .pool_opts(pool_opts)
+        .into()
+}

@@ -1,0 +1,71 @@
+//! `chat-writer migrate`: the CONTRACT section 4 schema.
+//!
+//! Creates the database if missing, then each table if missing. Every
+//! statement is `IF NOT EXISTS`, so running it twice is harmless. InnoDB,
+//! utf8mb4 throughout (case 1 of shared/cases).
+
+use super::sql::push_ident;
+use crate::config::Config;
+use async_compat::Compat;
+use mysql_async::prelude::Queryable;
+use mysql_async::Conn;
+
+const TABLES: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS applications (
+        id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+        token VARCHAR(255) NOT NULL,
+        name VARCHAR(255) NOT NULL,
+        chats_count INT NOT NULL DEFAULT 0,
+        created_at DATETIME(6) NOT NULL,
+        updated_at DATETIME(6) NOT NULL,
+        UNIQUE KEY index_applications_on_token (token)
+    ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci",
+    "CREATE TABLE IF NOT EXISTS chats (
+        id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+        application_id BIGINT NOT NULL,
+        token VARCHAR(255) NOT NULL,
+        number INT NOT NULL,
+        messages_count INT NOT NULL DEFAULT 0,
+        creator_id BIGINT NULL,
+        created_at DATETIME(6) NOT NULL,
+        updated_at DATETIME(6) NOT NULL,
+        UNIQUE KEY index_chats_on_application_id_and_number (application_id, number),
+        KEY index_chats_on_token_and_number (token, number),
+        CONSTRAINT fk_chats_application_id FOREIGN KEY (application_id) REFERENCES applications (id)
+    ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci",
+    "CREATE TABLE IF NOT EXISTS messages (
+        id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+        chat_id BIGINT NOT NULL,
+        token VARCHAR(255) NOT NULL,
+        chat_number INT NOT NULL,
+        number INT NOT NULL,
+        body TEXT NOT NULL,
+        creator_id BIGINT NULL,
+        created_at DATETIME(6) NOT NULL,
+        updated_at DATETIME(6) NOT NULL,
+        UNIQUE KEY index_messages_on_chat_id_and_number (chat_id, number),
+        KEY index_messages_on_token_and_chat_number (token, chat_number),
+        CONSTRAINT fk_messages_chat_id FOREIGN KEY (chat_id) REFERENCES chats (id)
+    ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci",
+];
+
+/// Creates DATABASE_NAME (if missing) and the three tables (if missing).
+///
+/// Errors: any MySQL error, unclassified (the caller exits 1).
+pub async fn migrate(cfg: &Config) -> Result<(), mysql_async::Error> {
+    Compat::new(async {
+        let mut conn = Conn::new(super::opts(cfg, None)).await?;
+        let mut create = String::from("CREATE DATABASE IF NOT EXISTS ");
+        push_ident(&mut create, &cfg.database_name);
+        create.push_str(" CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci");
+        conn.query_drop(create).await?;
+        let mut use_db = String::from("USE ");
+        push_ident(&mut use_db, &cfg.database_name);
+        conn.query_drop(use_db).await?;
+        for t in TABLES {
+            conn.query_drop(*t).await?;
+        }
+        conn.disconnect().await
+    })
+    .await
+}

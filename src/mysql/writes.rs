@@ -1,0 +1,463 @@
+//! The batched writes of the three consumers (CONTRACT section 4).
+//!
+//! Each call writes a whole batch in ONE transaction (READ COMMITTED):
+//! a parent check (`SELECT id … IN (…)`), one multi-row
+//! `INSERT … ON DUPLICATE KEY UPDATE id = id` (a duplicate is success and
+//! never overwrites), or one multi-row `UPDATE … JOIN (SELECT … UNION ALL …)`,
+//! then, where indexing needs it, one read-back of the stored rows. If the
+//! database refuses a value, the batch is bisected to isolate the poison
+//! message(s) in O(k log n) transactions instead of one per message.
+
+use super::sql::{push_datetime, push_int, push_int_list, push_opt_int, push_str};
+use super::{classify, Fault, Store};
+use crate::payload::{CreateChat, CreateMessage, UpdateMessage};
+use crate::time::Micros;
+use async_compat::Compat;
+use mysql_async::prelude::Queryable;
+use mysql_async::{IsolationLevel, Transaction, TxOpts};
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::ops::Range;
+use std::pin::Pin;
+
+/// What happened to one message of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Committed (or already there: duplicates are success).
+    Stored,
+    /// The parent row (application or chat) does not exist yet.
+    ParentMissing,
+    /// An update whose message row does not exist yet.
+    RowMissing,
+    /// The database refused a value of this message; the reason is one line.
+    Rejected(String),
+}
+
+/// A message row as stored, read back for indexing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageRow {
+    /// `messages.chat_id`.
+    pub chat_id: i64,
+    /// `messages.number`.
+    pub number: i32,
+    /// `messages.token`.
+    pub token: String,
+    /// `messages.chat_number`.
+    pub chat_number: i32,
+    /// `messages.body`.
+    pub body: String,
+    /// `created_at` in microseconds since the epoch.
+    pub created_at: Micros,
+    /// `updated_at` in microseconds since the epoch (the ES version).
+    pub updated_at: Micros,
+}
+
+type Attempt<'a> = Pin<Box<dyn Future<Output = Result<Vec<Outcome>, mysql_async::Error>> + 'a>>;
+
+/// Runs `attempt` on the whole range; on a message fault, bisects until the
+/// refused messages are alone. Infrastructure errors are returned at once.
+async fn isolate<'a>(
+    n: usize,
+    mut attempt: impl FnMut(Range<usize>) -> Attempt<'a>,
+) -> Result<Vec<Outcome>, mysql_async::Error> {
+    let mut out = vec![Outcome::Stored; n];
+    let mut todo: Vec<Range<usize>> = Vec::with_capacity(8);
+    todo.push(0..n);
+    while let Some(r) = todo.pop() {
+        if r.is_empty() {
+            continue;
+        }
+        match attempt(r.clone()).await {
+            Ok(outcomes) => out[r].clone_from_slice(&outcomes),
+            Err(e) => match classify(&e) {
+                Fault::Infrastructure(_) => return Err(e),
+                Fault::Message(reason) if r.len() == 1 => out[r.start] = Outcome::Rejected(reason),
+                Fault::Message(_) => {
+                    let mid = r.start + r.len() / 2;
+                    todo.push(mid..r.end);
+                    todo.push(r.start..mid);
+                }
+            },
+        }
+    }
+    Ok(out)
+}
+
+async fn begin(store: &Store) -> Result<Transaction<'static>, mysql_async::Error> {
+    let mut opts = TxOpts::default();
+    opts.with_isolation_level(IsolationLevel::ReadCommitted);
+    store.pool.start_transaction(opts).await
+}
+
+/// `SELECT id FROM <table> WHERE id IN (ids)` as a set.
+async fn existing_ids(
+    tx: &mut Transaction<'_>,
+    table: &str,
+    ids: impl Iterator<Item = i64>,
+) -> Result<HashSet<i64>, mysql_async::Error> {
+    let mut uniq: Vec<i64> = ids.collect();
+    uniq.sort_unstable();
+    uniq.dedup();
+    let mut q = format!("SELECT id FROM {table} WHERE id IN (");
+    push_int_list(&mut q, uniq);
+    q.push(')');
+    Ok(tx.query::<i64, _>(q).await?.into_iter().collect())
+}
+
+const READ_BACK: &str = "SELECT chat_id, number, token, chat_number, body, \
+    CAST(TIMESTAMPDIFF(MICROSECOND, '1970-01-01', created_at) AS SIGNED), \
+    CAST(TIMESTAMPDIFF(MICROSECOND, '1970-01-01', updated_at) AS SIGNED) \
+    FROM messages WHERE (chat_id, number) IN (";
+
+/// Reads back the rows `(chat_id, number)` as stored.
+async fn read_back(
+    tx: &mut Transaction<'_>,
+    keys: impl Iterator<Item = (i64, i32)>,
+) -> Result<Vec<MessageRow>, mysql_async::Error> {
+    let mut q = String::from(READ_BACK);
+    for (i, (chat_id, number)) in keys.enumerate() {
+        if i > 0 {
+            q.push(',');
+        }
+        q.push('(');
+        push_int(&mut q, chat_id);
+        q.push(',');
+        push_int(&mut q, i64::from(number));
+        q.push(')');
+    }
+    q.push(')');
+    let rows: Vec<(i64, i32, String, i32, String, i64, i64)> = tx.query(q).await?;
+    Ok(rows
+        .into_iter()
+        .map(
+            |(chat_id, number, token, chat_number, body, created_at, updated_at)| MessageRow {
+                chat_id,
+                number,
+                token,
+                chat_number,
+                body,
+                created_at,
+                updated_at,
+            },
+        )
+        .collect())
+}
+
+impl Store {
+    /// Inserts a batch of chats: `(payload, created_at)` pairs.
+    ///
+    /// Returns one [`Outcome`] per input, in order: `Stored`,
+    /// `ParentMissing` (no such application yet) or `Rejected`.
+    /// Errors: infrastructure faults only (see [`classify`]).
+    pub async fn create_chats(
+        &self,
+        items: &[(&CreateChat, Micros)],
+    ) -> Result<Vec<Outcome>, mysql_async::Error> {
+        isolate(items.len(), |r| {
+            Box::pin(Compat::new(self.try_create_chats(&items[r])))
+        })
+        .await
+    }
+
+    async fn try_create_chats(
+        &self,
+        items: &[(&CreateChat, Micros)],
+    ) -> Result<Vec<Outcome>, mysql_async::Error> {
+        let mut tx = begin(self).await?;
+        let parents = existing_ids(
+            &mut tx,
+            "applications",
+            items.iter().map(|(c, _)| c.application_id),
+        )
+        .await?;
+        let mut q = String::with_capacity(64 + items.len() * 96);
+        q.push_str(
+            "INSERT INTO chats (application_id, token, number, messages_count, creator_id, \
+             created_at, updated_at) VALUES ",
+        );
+        let mut outcomes = Vec::with_capacity(items.len());
+        let mut any = false;
+        for (c, at) in items {
+            if !parents.contains(&c.application_id) {
+                outcomes.push(Outcome::ParentMissing);
+                continue;
+            }
+            outcomes.push(Outcome::Stored);
+            if any {
+                q.push(',');
+            }
+            any = true;
+            q.push('(');
+            push_int(&mut q, c.application_id);
+            q.push(',');
+            push_str(&mut q, &c.token);
+            q.push(',');
+            push_int(&mut q, i64::from(c.number));
+            q.push_str(",0,");
+            push_opt_int(&mut q, c.creator_id);
+            q.push(',');
+            push_datetime(&mut q, *at);
+            q.push(',');
+            push_datetime(&mut q, *at);
+            q.push(')');
+        }
+        if any {
+            q.push_str(" ON DUPLICATE KEY UPDATE id = id");
+            tx.query_drop(q).await?;
+        }
+        tx.commit().await?;
+        Ok(outcomes)
+    }
+
+    /// Inserts a batch of messages: `(payload, created_at)` pairs. With
+    /// `read_back`, also returns the stored rows of every `Stored` message
+    /// (for a duplicate: the row as first stored, possibly updated since).
+    ///
+    /// Errors: infrastructure faults only.
+    pub async fn create_messages(
+        &self,
+        items: &[(&CreateMessage, Micros)],
+        read_back: bool,
+    ) -> Result<(Vec<Outcome>, Vec<MessageRow>), mysql_async::Error> {
+        let mut rows = Vec::new();
+        let rows_ref = std::cell::RefCell::new(&mut rows);
+        let outcomes = isolate(items.len(), |r| {
+            let rows_ref = &rows_ref;
+            Box::pin(Compat::new(async move {
+                let (o, mut got) = self.try_create_messages(&items[r], read_back).await?;
+                rows_ref.borrow_mut().append(&mut got);
+                Ok(o)
+            }))
+        })
+        .await?;
+        Ok((outcomes, rows))
+    }
+
+    async fn try_create_messages(
+        &self,
+        items: &[(&CreateMessage, Micros)],
+        want_rows: bool,
+    ) -> Result<(Vec<Outcome>, Vec<MessageRow>), mysql_async::Error> {
+        let mut tx = begin(self).await?;
+        let parents = existing_ids(&mut tx, "chats", items.iter().map(|(m, _)| m.chat_id)).await?;
+        let body_bytes: usize = items.iter().map(|(m, _)| m.body.len()).sum();
+        let mut q = String::with_capacity(128 + items.len() * 128 + body_bytes * 11 / 10);
+        q.push_str(
+            "INSERT INTO messages (chat_id, token, chat_number, number, body, creator_id, \
+             created_at, updated_at) VALUES ",
+        );
+        let mut outcomes = Vec::with_capacity(items.len());
+        let mut stored = 0usize;
+        for (m, at) in items {
+            if !parents.contains(&m.chat_id) {
+                outcomes.push(Outcome::ParentMissing);
+                continue;
+            }
+            outcomes.push(Outcome::Stored);
+            if stored > 0 {
+                q.push(',');
+            }
+            stored += 1;
+            q.push('(');
+            push_int(&mut q, m.chat_id);
+            q.push(',');
+            push_str(&mut q, &m.token);
+            q.push(',');
+            push_int(&mut q, i64::from(m.chat_number));
+            q.push(',');
+            push_int(&mut q, i64::from(m.number));
+            q.push(',');
+            push_str(&mut q, &m.body);
+            q.push(',');
+            push_opt_int(&mut q, m.creator_id);
+            q.push(',');
+            push_datetime(&mut q, *at);
+            q.push(',');
+            push_datetime(&mut q, *at);
+            q.push(')');
+        }
+        let mut rows = Vec::new();
+        if stored > 0 {
+            q.push_str(" ON DUPLICATE KEY UPDATE id = id");
+            tx.query_drop(q).await?;
+            if want_rows {
+                let keys = items
+                    .iter()
+                    .zip(&outcomes)
+                    .filter(|(_, o)| **o == Outcome::Stored)
+                    .map(|((m, _), _)| (m.chat_id, m.number));
+                rows = read_back(&mut tx, keys).await?;
+            }
+        }
+        tx.commit().await?;
+        Ok((outcomes, rows))
+    }
+
+    /// Applies a batch of updates: body and `updated_at` of the row
+    /// `(chat_id, number)`. `updated_at` becomes
+    /// `GREATEST(UTC_TIMESTAMP(6), updated_at + 1 µs)`, so it strictly
+    /// increases on every applied update, identical body or not (case 2).
+    /// Several updates of one row in a batch: the last delivered wins, the
+    /// earlier ones share its outcome. Returns one [`Outcome`] per input
+    /// (`Stored`, `RowMissing` or `Rejected`) and the changed rows as stored.
+    ///
+    /// Errors: infrastructure faults only.
+    pub async fn update_messages(
+        &self,
+        items: &[&UpdateMessage],
+    ) -> Result<(Vec<Outcome>, Vec<MessageRow>), mysql_async::Error> {
+        // Last occurrence of each key wins.
+        let mut last: HashMap<(i64, i32), usize> = HashMap::with_capacity(items.len());
+        for (i, u) in items.iter().enumerate() {
+            last.insert((u.chat_id, u.number), i);
+        }
+        let winners: Vec<&UpdateMessage> = items
+            .iter()
+            .enumerate()
+            .filter(|(i, u)| last[&(u.chat_id, u.number)] == *i)
+            .map(|(_, u)| *u)
+            .collect();
+        let mut rows = Vec::new();
+        let rows_ref = std::cell::RefCell::new(&mut rows);
+        let winner_outcomes = isolate(winners.len(), |r| {
+            let rows_ref = &rows_ref;
+            let slice = &winners[r];
+            Box::pin(Compat::new(async move {
+                let (o, mut got) = self.try_update_messages(slice).await?;
+                rows_ref.borrow_mut().append(&mut got);
+                Ok(o)
+            }))
+        })
+        .await?;
+        let by_key: HashMap<(i64, i32), &Outcome> = winners
+            .iter()
+            .zip(&winner_outcomes)
+            .map(|(u, o)| ((u.chat_id, u.number), o))
+            .collect();
+        let outcomes = items
+            .iter()
+            .map(|u| by_key[&(u.chat_id, u.number)].clone())
+            .collect();
+        Ok((outcomes, rows))
+    }
+
+    async fn try_update_messages(
+        &self,
+        items: &[&UpdateMessage],
+    ) -> Result<(Vec<Outcome>, Vec<MessageRow>), mysql_async::Error> {
+        let mut tx = begin(self).await?;
+        let body_bytes: usize = items.iter().map(|u| u.body.len()).sum();
+        let mut q = String::with_capacity(256 + items.len() * 64 + body_bytes * 11 / 10);
+        q.push_str("UPDATE messages m JOIN (");
+        for (i, u) in items.iter().enumerate() {
+            if i == 0 {
+                q.push_str("SELECT ");
+                push_int(&mut q, u.chat_id);
+                q.push_str(" AS chat_id,");
+                push_int(&mut q, i64::from(u.number));
+                q.push_str(" AS number,");
+                push_str(&mut q, &u.body);
+                q.push_str(" AS body");
+            } else {
+                q.push_str(" UNION ALL SELECT ");
+                push_int(&mut q, u.chat_id);
+                q.push(',');
+                push_int(&mut q, i64::from(u.number));
+                q.push(',');
+                push_str(&mut q, &u.body);
+            }
+        }
+        q.push_str(
+            ") u ON m.chat_id = u.chat_id AND m.number = u.number \
+             SET m.body = u.body, \
+             m.updated_at = GREATEST(UTC_TIMESTAMP(6), m.updated_at + INTERVAL 1 MICROSECOND)",
+        );
+        tx.query_drop(q).await?;
+        let rows = read_back(&mut tx, items.iter().map(|u| (u.chat_id, u.number))).await?;
+        tx.commit().await?;
+        let found: HashSet<(i64, i32)> = rows.iter().map(|r| (r.chat_id, r.number)).collect();
+        let outcomes = items
+            .iter()
+            .map(|u| {
+                if found.contains(&(u.chat_id, u.number)) {
+                    Outcome::Stored
+                } else {
+                    Outcome::RowMissing
+                }
+            })
+            .collect();
+        Ok((outcomes, rows))
+    }
+
+    /// Count sync: `applications.chats_count = count` for each
+    /// `(token, count)`, only where the stored count is lower (counts never
+    /// move down; unchanged rows are not written). Returns rows changed.
+    pub async fn raise_chat_counts(
+        &self,
+        counts: &[(&str, i64)],
+    ) -> Result<u64, mysql_async::Error> {
+        if counts.is_empty() {
+            return Ok(0);
+        }
+        let mut q = String::from("UPDATE applications a JOIN (");
+        for (i, (token, n)) in counts.iter().enumerate() {
+            q.push_str(if i == 0 {
+                "SELECT "
+            } else {
+                " UNION ALL SELECT "
+            });
+            push_str(&mut q, token);
+            q.push_str(if i == 0 { " AS token," } else { "," });
+            push_int(&mut q, *n);
+            if i == 0 {
+                q.push_str(" AS cnt");
+            }
+        }
+        q.push_str(
+            ") u ON a.token = u.token SET a.chats_count = u.cnt WHERE a.chats_count < u.cnt",
+        );
+        self.run_update(q).await
+    }
+
+    /// Count sync: `chats.messages_count = count` for each
+    /// `(token, chat_number, count)`, only where the stored count is lower.
+    /// Returns rows changed.
+    pub async fn raise_message_counts(
+        &self,
+        counts: &[(&str, i32, i64)],
+    ) -> Result<u64, mysql_async::Error> {
+        if counts.is_empty() {
+            return Ok(0);
+        }
+        let mut q = String::from("UPDATE chats c JOIN (");
+        for (i, (token, number, n)) in counts.iter().enumerate() {
+            q.push_str(if i == 0 {
+                "SELECT "
+            } else {
+                " UNION ALL SELECT "
+            });
+            push_str(&mut q, token);
+            q.push_str(if i == 0 { " AS token," } else { "," });
+            push_int(&mut q, i64::from(*number));
+            q.push_str(if i == 0 { " AS number," } else { "," });
+            push_int(&mut q, *n);
+            if i == 0 {
+                q.push_str(" AS cnt");
+            }
+        }
+        q.push_str(
+            ") u ON c.token = u.token AND c.number = u.number \
+             SET c.messages_count = u.cnt WHERE c.messages_count < u.cnt",
+        );
+        self.run_update(q).await
+    }
+
+    async fn run_update(&self, q: String) -> Result<u64, mysql_async::Error> {
+        Compat::new(async {
+            let mut conn = self.pool.get_conn().await?;
+            conn.query_drop(q).await?;
+            Ok(conn.affected_rows())
+        })
+        .await
+    }
+}

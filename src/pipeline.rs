@@ -1,0 +1,329 @@
+//! The batch pipeline of the three work queues: decode, write, republish,
+//! mark, ack.
+//!
+//! For one batch of deliveries from one queue:
+//! 1. decode every payload (malformed ones are set aside with the reason);
+//! 2. write the valid ones to MySQL in one transaction, retrying in place
+//!    with backoff on infrastructure faults (never acking, never
+//!    dead-lettering for them);
+//! 3. publish, with confirms: malformed and refused messages to
+//!    `<queue>.dlq`; messages whose parent or row is missing to the next
+//!    delay tier `<queue>.retry.<delay>` (or the `.dlq` after the last);
+//!    the batch's documents as ONE message to the index queue;
+//! 4. hand the change markers to the Redis flusher;
+//! 5. ack the batch with one `multiple` ack.
+//!
+//! If shutdown comes while step 2 is still retrying, the batch is left
+//! unacked and returns to the queue when the channel closes.
+
+use crate::amqp::consumer::BatchConsumer;
+use crate::amqp::republish::{failure_properties, persistent, retry_count, Outgoing, Republisher};
+use crate::amqp::{dead_letter_queue, retry_queue, INDEX_QUEUE};
+use crate::backoff::Backoff;
+use crate::elasticsearch::encoder::push_document;
+use crate::mysql::{classify, MessageRow, Outcome, Store};
+use crate::payload::{CreateChat, CreateMessage, Malformed, UpdateMessage};
+use crate::redis_store::{MarkerSender, Markers};
+use crate::shutdown::Shutdown;
+use crate::time::{created_at, now_micros, Micros};
+use lapin::message::Delivery;
+use std::time::{Duration, Instant};
+
+/// What every consumer shares.
+pub struct Context {
+    /// MySQL.
+    pub store: Store,
+    /// Confirm-mode publishing channel of the current connection.
+    pub republisher: Republisher,
+    /// Change markers to Redis.
+    pub markers: MarkerSender,
+    /// Whether documents are indexed (ELASTICSEARCH_URL set).
+    pub indexing: bool,
+    /// Delay tiers (RETRY_DELAYS).
+    pub retry_delays: Vec<Duration>,
+    /// The process-wide shutdown signal.
+    pub shutdown: Shutdown,
+}
+
+/// Why a consumer loop ended early.
+enum Stop {
+    /// Shutdown while the batch could not be completed; nothing acked.
+    Shutdown,
+    /// The broker side failed; the supervisor reconnects.
+    Amqp(String),
+}
+
+/// Consumes `consumer`'s queue batch by batch until shutdown (`Ok`) or an
+/// AMQP failure (`Err`, one line).
+pub async fn run(ctx: &Context, mut consumer: BatchConsumer) -> Result<(), String> {
+    let queue = consumer.queue().to_string();
+    loop {
+        let Some(batch) = consumer.next_batch(&ctx.shutdown).await? else {
+            return Ok(());
+        };
+        let started = Instant::now();
+        match handle_batch(ctx, &queue, &batch).await {
+            Ok(summary) => {
+                consumer
+                    .ack_through(batch.last().expect("a batch is never empty"))
+                    .await?;
+                log::debug!(
+                    "batch queue={queue} size={} stored={} retried={} dead_lettered={} first_tag={} last_tag={} duration_ms={}",
+                    batch.len(),
+                    summary.stored,
+                    summary.retried,
+                    summary.dead_lettered,
+                    batch[0].delivery_tag,
+                    batch[batch.len() - 1].delivery_tag,
+                    started.elapsed().as_millis()
+                );
+            }
+            Err(Stop::Shutdown) => {
+                log::info!(
+                    "queue={queue}: shutdown during a retry; {} deliveries left unacked",
+                    batch.len()
+                );
+                return Ok(());
+            }
+            Err(Stop::Amqp(e)) => return Err(e),
+        }
+        if ctx.shutdown.is_triggered() {
+            return Ok(());
+        }
+    }
+}
+
+#[derive(Default)]
+struct Summary {
+    stored: usize,
+    retried: usize,
+    dead_lettered: usize,
+}
+
+/// Where a delivery goes after the write.
+enum Fate {
+    Stored,
+    Missing(&'static str),
+    DeadLetter(String),
+}
+
+async fn handle_batch(ctx: &Context, queue: &str, batch: &[Delivery]) -> Result<Summary, Stop> {
+    let now = now_micros();
+    let mut fates: Vec<Fate> = Vec::with_capacity(batch.len());
+    let mut markers = Markers::default();
+    let mut rows: Vec<MessageRow> = Vec::new();
+    match queue {
+        "create_chats" => {
+            let decoded: Vec<Result<(CreateChat, Micros), Malformed>> = batch
+                .iter()
+                .map(|d| CreateChat::decode(&d.data).map(|c| (c, at(d, now))))
+                .collect();
+            let valid: Vec<(&CreateChat, Micros)> = decoded
+                .iter()
+                .filter_map(|r| r.as_ref().ok())
+                .map(|(c, t)| (c, *t))
+                .collect();
+            let outcomes = retry_in_place(ctx, queue, || ctx.store.create_chats(&valid)).await?;
+            let mut outcomes = outcomes.into_iter();
+            for r in &decoded {
+                fates.push(match r {
+                    Err(m) => Fate::DeadLetter(m.0.clone()),
+                    Ok((c, _)) => {
+                        let o = outcomes
+                            .next()
+                            .expect("the store returns one outcome per valid payload");
+                        if o == Outcome::Stored {
+                            markers.chats.push(c.token.clone());
+                            markers.messages.push(format!("{}:{}", c.token, c.number));
+                        }
+                        fate(o, "application")
+                    }
+                });
+            }
+        }
+        "create_messages" => {
+            let decoded: Vec<Result<(CreateMessage, Micros), Malformed>> = batch
+                .iter()
+                .map(|d| CreateMessage::decode(&d.data).map(|m| (m, at(d, now))))
+                .collect();
+            let valid: Vec<(&CreateMessage, Micros)> = decoded
+                .iter()
+                .filter_map(|r| r.as_ref().ok())
+                .map(|(m, t)| (m, *t))
+                .collect();
+            let (outcomes, got) = retry_in_place(ctx, queue, || {
+                ctx.store.create_messages(&valid, ctx.indexing)
+            })
+            .await?;
+            rows = got;
+            let mut outcomes = outcomes.into_iter();
+            for r in &decoded {
+                fates.push(match r {
+                    Err(m) => Fate::DeadLetter(m.0.clone()),
+                    Ok((m, _)) => {
+                        let o = outcomes
+                            .next()
+                            .expect("the store returns one outcome per valid payload");
+                        if o == Outcome::Stored {
+                            markers
+                                .messages
+                                .push(format!("{}:{}", m.token, m.chat_number));
+                        }
+                        fate(o, "chat")
+                    }
+                });
+            }
+        }
+        _ => {
+            let decoded: Vec<Result<UpdateMessage, Malformed>> = batch
+                .iter()
+                .map(|d| UpdateMessage::decode(&d.data))
+                .collect();
+            let valid: Vec<&UpdateMessage> =
+                decoded.iter().filter_map(|r| r.as_ref().ok()).collect();
+            let (outcomes, got) =
+                retry_in_place(ctx, queue, || ctx.store.update_messages(&valid)).await?;
+            if ctx.indexing {
+                rows = got;
+            }
+            let mut outcomes = outcomes.into_iter();
+            for r in &decoded {
+                fates.push(match r {
+                    Err(m) => Fate::DeadLetter(m.0.clone()),
+                    Ok(_) => fate(
+                        outcomes
+                            .next()
+                            .expect("the store returns one outcome per valid payload"),
+                        "message",
+                    ),
+                });
+            }
+        }
+    }
+
+    // Republish what is not stored, and the documents, with confirms.
+    let now_secs = now / 1_000_000;
+    let mut summary = Summary::default();
+    let mut out: Vec<Outgoing<'_>> = Vec::new();
+    for (d, f) in batch.iter().zip(&fates) {
+        match f {
+            Fate::Stored => summary.stored += 1,
+            Fate::DeadLetter(reason) => {
+                summary.dead_lettered += 1;
+                let count = retry_count(&d.properties);
+                log::warn!(
+                    "dead-letter queue={queue} delivery_tag={} reason={reason}",
+                    d.delivery_tag
+                );
+                out.push(Outgoing {
+                    queue: dead_letter_queue(queue),
+                    data: &d.data,
+                    properties: failure_properties(&d.properties, queue, reason, count, now_secs),
+                });
+            }
+            Fate::Missing(what) => {
+                let count = retry_count(&d.properties);
+                let tier = usize::try_from(count)
+                    .ok()
+                    .and_then(|c| ctx.retry_delays.get(c));
+                let (target, count, reason) = match tier {
+                    Some(delay) => {
+                        summary.retried += 1;
+                        (
+                            retry_queue(queue, *delay),
+                            count + 1,
+                            format!("{what} not found yet"),
+                        )
+                    }
+                    None => {
+                        summary.dead_lettered += 1;
+                        let reason = format!("{what} not found after {count} delayed retries");
+                        log::warn!(
+                            "dead-letter queue={queue} delivery_tag={} reason={reason}",
+                            d.delivery_tag
+                        );
+                        (dead_letter_queue(queue), count, reason)
+                    }
+                };
+                out.push(Outgoing {
+                    queue: target,
+                    data: &d.data,
+                    properties: failure_properties(&d.properties, queue, &reason, count, now_secs),
+                });
+            }
+        }
+    }
+    let mut docs = Vec::new();
+    if ctx.indexing && !rows.is_empty() {
+        docs.reserve(
+            rows.iter()
+                .map(|r| r.body.len() + r.token.len() * 2 + 160)
+                .sum(),
+        );
+        for r in &rows {
+            push_document(&mut docs, r);
+        }
+        out.push(Outgoing {
+            queue: INDEX_QUEUE.to_string(),
+            data: &docs,
+            properties: persistent("application/x-ndjson"),
+        });
+    }
+    if !out.is_empty() {
+        ctx.republisher
+            .publish_all(&out)
+            .await
+            .map_err(Stop::Amqp)?;
+    }
+    if !markers.chats.is_empty() || !markers.messages.is_empty() {
+        // Unbounded channel: only fails if the flusher is gone (shutdown).
+        let _ = ctx.markers.try_send(markers);
+    }
+    Ok(summary)
+}
+
+fn at(d: &Delivery, now: Micros) -> Micros {
+    created_at(*d.properties.timestamp(), now)
+}
+
+fn fate(o: Outcome, parent: &'static str) -> Fate {
+    match o {
+        Outcome::Stored => Fate::Stored,
+        Outcome::ParentMissing => Fate::Missing(parent),
+        Outcome::RowMissing => Fate::Missing("message"),
+        Outcome::Rejected(reason) => Fate::DeadLetter(reason),
+    }
+}
+
+/// Runs a MySQL write until it succeeds, backing off on infrastructure
+/// faults (the only errors the store returns). Stops on shutdown.
+async fn retry_in_place<T, F, Fut>(ctx: &Context, queue: &str, mut write: F) -> Result<T, Stop>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, mysql_async::Error>>,
+{
+    let mut backoff = Backoff::default();
+    loop {
+        match write().await {
+            Ok(v) => {
+                if backoff.attempts() > 0 {
+                    log::info!(
+                        "mysql: queue={queue} write succeeded after {} retries",
+                        backoff.attempts()
+                    );
+                }
+                return Ok(v);
+            }
+            Err(e) => {
+                log::warn!(
+                    "mysql: queue={queue} error_class=infrastructure retry={} error={:?}",
+                    backoff.attempts() + 1,
+                    classify(&e)
+                );
+                if !backoff.wait(&ctx.shutdown).await {
+                    return Err(Stop::Shutdown);
+                }
+            }
+        }
+    }
+}

@@ -20,7 +20,8 @@ pub struct Variable {
 }
 
 /// Every variable the writer reads, in `--help` order (CONTRACT section 2,
-/// plus `RETRY_DELAYS` from section 3 "Topology").
+/// plus `RETRY_DELAYS` from section 3 "Topology" and `HTTP_ADDR` from
+/// section 1, `chat-writer healthcheck`).
 pub const VARIABLES: &[Variable] = &[
     Variable {
         name: "DATABASE_HOST",
@@ -103,6 +104,11 @@ pub const VARIABLES: &[Variable] = &[
         help: "delayed-retry tiers for a missing parent or row, comma separated",
     },
     Variable {
+        name: "HTTP_ADDR",
+        default: "0.0.0.0:9464",
+        help: "health endpoint address (GET /healthz, `chat-writer healthcheck`); empty disables",
+    },
+    Variable {
         name: "RUST_LOG",
         default: "info",
         help: "log level: error, warn, info, debug, trace",
@@ -168,6 +174,8 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Delayed-retry tiers, shortest first.
     pub retry_delays: Vec<Duration>,
+    /// Address of the health endpoint; `None` disables it.
+    pub http_addr: Option<std::net::SocketAddr>,
     /// Log level.
     pub log_level: log::LevelFilter,
 }
@@ -189,7 +197,7 @@ impl Config {
                     .iter()
                     .find(|v| v.name == name)
                     .map(|v| v.default.to_string())
-                    .unwrap_or_default()
+                    .expect("every variable read is listed in VARIABLES")
             })
         };
         let non_empty = |name: &'static str| -> Result<String, ConfigError> {
@@ -274,6 +282,9 @@ impl Config {
                 ))
             }
         };
+        let http_raw = get("HTTP_ADDR");
+        let http_addr = crate::http::parse_addr(&http_raw)
+            .map_err(|expected| err("HTTP_ADDR", &http_raw, expected))?;
         Ok(Config {
             database_host: non_empty("DATABASE_HOST")?,
             database_port: int("DATABASE_PORT", &get("DATABASE_PORT"), 1, 65535)? as u16,
@@ -299,6 +310,7 @@ impl Config {
             db_max_idle_conns,
             shutdown_timeout: duration("SHUTDOWN_TIMEOUT", &get("SHUTDOWN_TIMEOUT"))?,
             retry_delays,
+            http_addr,
             log_level,
         })
     }
@@ -423,6 +435,7 @@ mod tests {
             [1, 5, 30, 120, 600].map(Duration::from_secs).to_vec()
         );
         assert_eq!(c.log_level, log::LevelFilter::Info);
+        assert_eq!(c.http_addr, Some("0.0.0.0:9464".parse().unwrap()));
     }
 
     #[test]
@@ -430,6 +443,7 @@ mod tests {
         let c = cfg(&[("DATABASE_PASSWORD", ""), ("ELASTICSEARCH_URL", "")]).unwrap();
         assert_eq!(c.database_password, "");
         assert_eq!(c.elasticsearch_url, None);
+        assert_eq!(cfg(&[("HTTP_ADDR", "")]).unwrap().http_addr, None);
     }
 
     #[test]
@@ -467,6 +481,7 @@ mod tests {
             ("REDIS_URL", ""),
             ("DATABASE_NAME", "a`b"),
             ("RETRY_DELAYS", "1s,never"),
+            ("HTTP_ADDR", "9464"),
         ] {
             let e = cfg(&[(var, val)]).unwrap_err();
             assert_eq!(e.variable, var);

@@ -16,6 +16,7 @@
 //! | AMQP connection, topology, consumers, republishing | [`amqp`] |
 //! | the batch pipeline of the work queues | [`pipeline`] |
 //! | supervision and shutdown sequence | [`service`], [`shutdown`] |
+//! | health endpoint and `healthcheck` | [`http`] |
 //! | backoff, timestamps | [`backoff`], [`time`] |
 
 #![warn(missing_docs)]
@@ -25,6 +26,7 @@ pub mod backoff;
 pub mod config;
 pub mod count_sync;
 pub mod elasticsearch;
+pub mod http;
 pub mod mysql;
 pub mod payload;
 pub mod pipeline;

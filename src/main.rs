@@ -10,9 +10,10 @@ fn help() -> String {
         "{}\n\nThe write side of the chat platform: consumes create_chats, create_messages and\n\
          update_messages from RabbitMQ into MySQL and Elasticsearch, and syncs Redis counters\n\
          into MySQL counts.\n\n\
-         USAGE:\n  chat-writer            run the service (stop with SIGTERM or SIGINT)\n  \
-         chat-writer migrate    create DATABASE_NAME if missing and its schema, then exit\n  \
-         chat-writer --help     this text\n  chat-writer --version  version, commit and build date\n\n\
+         USAGE:\n  chat-writer              run the service (stop with SIGTERM or SIGINT)\n  \
+         chat-writer migrate      create DATABASE_NAME if missing and its schema, then exit\n  \
+         chat-writer healthcheck  GET /healthz of the running writer at HTTP_ADDR; exit 0 or 1\n  \
+         chat-writer --help       this text\n  chat-writer --version    version, commit and build date\n\n\
          ENVIRONMENT (a variable set to the empty string wins over its default):\n",
         chat_writer::version_line()
     );
@@ -79,6 +80,23 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     log::error!("migrate failed: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        ["healthcheck"] => {
+            let cfg = match config() {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let Some(addr) = cfg.http_addr else {
+                eprintln!("chat-writer healthcheck: HTTP_ADDR is empty, the endpoint is disabled");
+                return ExitCode::from(1);
+            };
+            match chat_writer::http::healthcheck(addr) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("chat-writer healthcheck: {e}");
                     ExitCode::from(1)
                 }
             }

@@ -73,6 +73,19 @@ async fn serve(ex: &LocalExecutor<'_>, cfg: Config, signals: Signals) -> i32 {
         cfg.elasticsearch_index,
         cfg.prefetch
     );
+    let _http = match cfg.http_addr {
+        None => None,
+        Some(addr) => match crate::http::bind(addr) {
+            Ok(listener) => {
+                log::info!("http: serving /healthz on {addr}");
+                Some(ex.spawn(crate::http::serve(listener)))
+            }
+            Err(e) => {
+                log::error!("HTTP_ADDR={addr}: cannot listen: {e}");
+                return 1;
+            }
+        },
+    };
     let store = Store::new(&cfg);
     let (marker_tx, marker_rx) = smol::channel::unbounded();
     let flusher = ex.spawn(run_marker_flusher(

@@ -1,8 +1,8 @@
 //! The AMQP side: connection, queue names, topology, consumers, and the
 //! republisher that moves deliveries to delay and dead-letter queues.
 //!
-//! lapin runs its socket I/O on smol's global executor; every consumer loop
-//! of ours runs on the writer's single `LocalExecutor`.
+//! lapin reads and writes the socket on its own `lapin-io-loop` thread;
+//! every consumer loop of ours runs on the writer's single `LocalExecutor`.
 
 pub mod consumer;
 pub mod republish;

@@ -1,0 +1,322 @@
+//! The command line: --version, --help, migrate, bad configuration.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use crate::common::{artefact_dir, TestEnv, Writer};
+
+/// Every variable of CONTRACT section 2.
+const VARIABLES: [&str; 16] = [
+    "DATABASE_HOST",
+    "DATABASE_PORT",
+    "DATABASE_USERNAME",
+    "DATABASE_PASSWORD",
+    "DATABASE_NAME",
+    "REDIS_URL",
+    "RABBITMQ_URL",
+    "ELASTICSEARCH_URL",
+    "ELASTICSEARCH_INDEX",
+    "COUNT_SYNC_INTERVAL",
+    "COUNT_RECONCILE_INTERVAL",
+    "RABBITMQ_PREFETCH_COUNT",
+    "DB_MAX_OPEN_CONNS",
+    "DB_MAX_IDLE_CONNS",
+    "SHUTDOWN_TIMEOUT",
+    "RUST_LOG",
+];
+
+fn run_plain(args: &[&str]) -> (Option<i32>, String, String) {
+    let log = artefact_dir().join(format!(
+        "cli-{}-{}.log",
+        std::process::id(),
+        args.join("_").replace('-', "")
+    ));
+    let mut w = Writer::spawn(args, &BTreeMap::new(), &log);
+    let exit = w.wait_exit(Duration::from_secs(10));
+    (exit.code, w.stdout(), w.log())
+}
+
+#[test]
+fn version_and_help() {
+    let (code, out, err) = run_plain(&["--version"]);
+    assert_eq!(code, Some(0), "--version exit code; stderr: {err}");
+    assert!(
+        out.contains(env!("CARGO_PKG_VERSION")),
+        "--version should print version {}: {out:?}",
+        env!("CARGO_PKG_VERSION")
+    );
+
+    let (code, out, err) = run_plain(&["--help"]);
+    assert_eq!(code, Some(0), "--help exit code; stderr: {err}");
+    let text = format!("{out}{err}");
+    let missing: Vec<&str> = VARIABLES
+        .iter()
+        .copied()
+        .filter(|v| !text.contains(v))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "--help does not list {missing:?}:\n{text}"
+    );
+    for sub in ["migrate", "healthcheck"] {
+        assert!(
+            text.contains(sub),
+            "--help does not list subcommand {sub}:\n{text}"
+        );
+    }
+}
+
+/// One column as `type [NULL|NOT NULL][ DEFAULT x]`, integer display widths dropped.
+type Columns = BTreeMap<String, String>;
+
+async fn columns(env: &TestEnv, table: &str) -> Columns {
+    type Column = (String, String, String, Option<String>, Option<String>);
+    let rows: Vec<Column> = env
+        .db
+        .query(&format!(
+            "SELECT COLUMN_NAME, COLUMN_TYPE, IS_NULLABLE, COLUMN_DEFAULT, CHARACTER_SET_NAME \
+             FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = '{}' AND TABLE_NAME = '{table}'",
+            env.db_name
+        ))
+        .await;
+    rows.into_iter()
+        .map(|(name, ty, nullable, default, charset)| {
+            let mut ty = ty.to_lowercase();
+            if ty.starts_with("int(") || ty.starts_with("bigint(") {
+                ty.truncate(ty.find('(').unwrap());
+            }
+            let mut s = format!(
+                "{ty} {}",
+                if nullable == "YES" {
+                    "NULL"
+                } else {
+                    "NOT NULL"
+                }
+            );
+            match default.as_deref() {
+                Some("NULL") | None => {}
+                Some(d) => s.push_str(&format!(" DEFAULT {}", d.trim_matches('\''))),
+            }
+            if let Some(cs) = charset {
+                s.push_str(&format!(" {cs}"));
+            }
+            (name, s)
+        })
+        .collect()
+}
+
+async fn unique_keys(env: &TestEnv, table: &str) -> BTreeSet<String> {
+    let rows: Vec<(String, i64, String)> = env
+        .db
+        .query(&format!(
+            "SELECT INDEX_NAME, NON_UNIQUE, GROUP_CONCAT(COLUMN_NAME ORDER BY SEQ_IN_INDEX) \
+             FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = '{}' AND TABLE_NAME = '{table}' \
+             GROUP BY INDEX_NAME, NON_UNIQUE",
+            env.db_name
+        ))
+        .await;
+    rows.into_iter().filter(|r| r.1 == 0).map(|r| r.2).collect()
+}
+
+async fn all_keys(env: &TestEnv, table: &str) -> Vec<String> {
+    let rows: Vec<(String, String)> = env
+        .db
+        .query(&format!(
+            "SELECT INDEX_NAME, GROUP_CONCAT(COLUMN_NAME ORDER BY SEQ_IN_INDEX) \
+             FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = '{}' AND TABLE_NAME = '{table}' \
+             GROUP BY INDEX_NAME",
+            env.db_name
+        ))
+        .await;
+    rows.into_iter().map(|r| r.1).collect()
+}
+
+async fn assert_schema(env: &TestEnv) {
+    let map = |pairs: &[(&str, &str)]| -> Columns {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    assert_eq!(
+        columns(env, "applications").await,
+        map(&[
+            ("id", "bigint NOT NULL"),
+            ("token", "varchar(255) NOT NULL utf8mb4"),
+            ("name", "varchar(255) NOT NULL utf8mb4"),
+            ("chats_count", "int NOT NULL DEFAULT 0"),
+            ("created_at", "datetime(6) NOT NULL"),
+            ("updated_at", "datetime(6) NOT NULL"),
+        ]),
+        "applications columns"
+    );
+    assert_eq!(
+        columns(env, "chats").await,
+        map(&[
+            ("id", "bigint NOT NULL"),
+            ("application_id", "bigint NOT NULL"),
+            ("token", "varchar(255) NOT NULL utf8mb4"),
+            ("number", "int NOT NULL"),
+            ("messages_count", "int NOT NULL DEFAULT 0"),
+            ("creator_id", "bigint NULL"),
+            ("created_at", "datetime(6) NOT NULL"),
+            ("updated_at", "datetime(6) NOT NULL"),
+        ]),
+        "chats columns"
+    );
+    assert_eq!(
+        columns(env, "messages").await,
+        map(&[
+            ("id", "bigint NOT NULL"),
+            ("chat_id", "bigint NOT NULL"),
+            ("token", "varchar(255) NOT NULL utf8mb4"),
+            ("chat_number", "int NOT NULL"),
+            ("number", "int NOT NULL"),
+            ("body", "text NOT NULL utf8mb4"),
+            ("creator_id", "bigint NULL"),
+            ("created_at", "datetime(6) NOT NULL"),
+            ("updated_at", "datetime(6) NOT NULL"),
+        ]),
+        "messages columns"
+    );
+    let set = |v: &[&str]| -> BTreeSet<String> { v.iter().map(|s| s.to_string()).collect() };
+    assert_eq!(
+        unique_keys(env, "applications").await,
+        set(&["id", "token"])
+    );
+    assert_eq!(
+        unique_keys(env, "chats").await,
+        set(&["id", "application_id,number"])
+    );
+    assert_eq!(
+        unique_keys(env, "messages").await,
+        set(&["id", "chat_id,number"])
+    );
+    let chats = all_keys(env, "chats").await;
+    assert!(
+        chats.iter().any(|k| k.starts_with("token,number")),
+        "chats: INDEX (token, number) missing: {chats:?}"
+    );
+    let messages = all_keys(env, "messages").await;
+    assert!(
+        messages.iter().any(|k| k.starts_with("token,chat_number")),
+        "messages: INDEX (token, chat_number) missing: {messages:?}"
+    );
+
+    let tables: Vec<(String, String, String)> = env
+        .db
+        .query(&format!(
+            "SELECT TABLE_NAME, ENGINE, TABLE_COLLATION FROM information_schema.TABLES \
+             WHERE TABLE_SCHEMA = '{}' AND TABLE_NAME IN ('applications', 'chats', 'messages')",
+            env.db_name
+        ))
+        .await;
+    assert_eq!(tables.len(), 3, "{tables:?}");
+    for (t, engine, collation) in &tables {
+        assert_eq!(engine, "InnoDB", "{t} engine");
+        assert!(
+            collation.starts_with("utf8mb4"),
+            "{t} collation {collation}"
+        );
+    }
+    let fks: BTreeSet<(String, String, String, String)> = env
+        .db
+        .query::<(String, String, String, String)>(&format!(
+            "SELECT TABLE_NAME, COLUMN_NAME, REFERENCED_TABLE_NAME, REFERENCED_COLUMN_NAME \
+             FROM information_schema.KEY_COLUMN_USAGE \
+             WHERE TABLE_SCHEMA = '{}' AND REFERENCED_TABLE_NAME IS NOT NULL",
+            env.db_name
+        ))
+        .await
+        .into_iter()
+        .collect();
+    let want: BTreeSet<(String, String, String, String)> = [
+        ("chats", "application_id", "applications", "id"),
+        ("messages", "chat_id", "chats", "id"),
+    ]
+    .iter()
+    .map(|(a, b, c, d)| (a.to_string(), b.to_string(), c.to_string(), d.to_string()))
+    .collect();
+    assert_eq!(fks, want, "foreign keys");
+}
+
+#[test]
+fn migrate_twice_is_harmless() {
+    let env = TestEnv::new("migrate_twice");
+    smol::block_on(async {
+        // The database does not exist yet: migrate creates it.
+        env.migrate();
+        assert_schema(&env).await;
+        env.db.seed_app(7, "app_x", 3).await;
+        env.db.seed_chat(1, 7, "app_x", 1, 2).await;
+        env.migrate();
+        assert_schema(&env).await;
+        let app = env.db.app(7).await.expect("application kept");
+        assert_eq!((app.token.as_str(), app.chats_count), ("app_x", 3));
+        let chat = env.db.chat(7, 1).await.expect("chat kept");
+        assert_eq!(chat.messages_count, 2);
+    });
+}
+
+#[test]
+fn bad_configuration_exits_2_naming_the_variable() {
+    let env = TestEnv::new("bad_config");
+    let cases = [
+        ("RABBITMQ_PREFETCH_COUNT", "abc"),
+        ("RABBITMQ_PREFETCH_COUNT", "-1"),
+        ("COUNT_SYNC_INTERVAL", "soon"),
+        ("COUNT_RECONCILE_INTERVAL", "often"),
+        ("SHUTDOWN_TIMEOUT", "forever"),
+        ("DATABASE_PORT", "99999"),
+        ("DATABASE_PORT", "abc"),
+        ("DB_MAX_OPEN_CONNS", "many"),
+    ];
+    let mut failures = Vec::new();
+    for (var, value) in cases {
+        let mut w = env.spawn(&[], &[(var, value)]);
+        let exit = w.wait_exit(Duration::from_secs(15));
+        let err = w.log();
+        if exit.code != Some(2) {
+            failures.push(format!(
+                "{var}={value:?}: exit {:?}, want 2; stderr: {err}",
+                exit.code
+            ));
+        } else if !err.contains(var) {
+            failures.push(format!(
+                "{var}={value:?}: stderr does not name {var}: {err}"
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// CONTRACT section 1: `chat-writer healthcheck` asks the running writer's
+/// `/healthz` at HTTP_ADDR: 0 while it runs, 1 when nothing answers.
+#[test]
+fn healthcheck_asks_the_running_writer() {
+    let env = TestEnv::new("healthcheck");
+    smol::block_on(async {
+        env.migrate();
+        let addr = format!("127.0.0.1:{}", crate::common::free_port());
+        let http = [("HTTP_ADDR", addr.as_str())];
+        let mut w = env.start_writer(&http);
+        env.wait_consuming(&mut w).await;
+        let mut h = env.spawn(&["healthcheck"], &http);
+        let exit = h.wait_exit(Duration::from_secs(10));
+        assert_eq!(
+            exit.code,
+            Some(0),
+            "healthcheck of a running writer at {addr}; its stderr: {}",
+            h.log()
+        );
+        w.stop();
+        let mut h = env.spawn(&["healthcheck"], &http);
+        let exit = h.wait_exit(Duration::from_secs(10));
+        assert_eq!(
+            exit.code,
+            Some(1),
+            "healthcheck with no writer at {addr}; its stderr: {}",
+            h.log()
+        );
+    });
+}

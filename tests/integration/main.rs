@@ -1,0 +1,13 @@
+//! Integration tests of chat-writer against real MySQL, Redis, RabbitMQ and
+//! an Elasticsearch-compatible server. See tests/README.md.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod cases;
+mod cli;
+mod consumers;
+mod counts;
+mod es_index;
+mod harness;
+mod shutdown;

@@ -1,0 +1,182 @@
+#!/usr/bin/env bash
+# perf/demo.sh: the one command that shows chat-writer doing its main job.
+#
+# On a Debian machine with MariaDB (127.0.0.1:3306, root, empty password),
+# Redis (6379) and RabbitMQ (5672, guest/guest) installed, it:
+#   1. builds chat-writer and the demo publisher (release);
+#   2. starts MariaDB, Redis, RabbitMQ if they do not answer, and an
+#      Elasticsearch-compatible server (osmem-server, installed with pip if
+#      needed) if nothing answers on ELASTICSEARCH_URL;
+#   3. resets the demo state: database chat_writer_demo dropped (migrate
+#      recreates it), index chat_writer_demo deleted, the work queues of vhost
+#      "/" (and their retry queues) purged; Redis is not flushed, the demo's
+#      tokens are random;
+#   4. runs `chat-writer migrate`, starts chat-writer in the background
+#      (COUNT_SYNC_INTERVAL=1s), runs the demo publisher/verifier (target
+#      perf/src/demo.rs), then stops the writer with SIGTERM and checks that it
+#      exits 0.
+#
+# Usage: perf/demo.sh [demo flags]   e.g. perf/demo.sh --messages 20000
+#   demo flags: --messages N (5000) --apps N (5) --chats-per-app N (10)
+#               --updates N (500) --timeout SECS (120) --window N (1000)
+# Environment: ELASTICSEARCH_URL (default http://127.0.0.1:9200),
+#   CARGO_TARGET_DIR (where cargo puts the binaries, default ./target).
+# Logs: target/demo/{writer,demo,osmem}.log. Exit 0 only if the demo verified
+# everything and the writer shut down with exit code 0.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$(pwd)
+LOG_DIR="$ROOT/target/demo"
+BIN_DIR="${CARGO_TARGET_DIR:-$ROOT/target}/release"
+mkdir -p "$LOG_DIR"
+
+ES_URL="${ELASTICSEARCH_URL:-http://127.0.0.1:9200}"
+ES_URL="${ES_URL%/}"
+DEMO_DB=chat_writer_demo
+DEMO_INDEX=chat_writer_demo
+QUEUES=(create_chats create_messages update_messages)
+
+say() { printf '\n==> %s\n' "$*"; }
+die() { printf 'demo.sh: %s\n' "$*" >&2; exit 1; }
+
+# ------------------------------------------------------------ cleanup
+WRITER_PID=""
+DEMO_PID=""
+OSMEM_PID=""
+cleanup() {
+  local pid
+  for pid in "$DEMO_PID" "$WRITER_PID" "$OSMEM_PID"; do
+    if [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null; then
+      kill -TERM "$pid" 2>/dev/null || true
+    fi
+  done
+  for pid in "$DEMO_PID" "$WRITER_PID" "$OSMEM_PID"; do
+    if [[ -n "$pid" ]]; then
+      for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+  done
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# ------------------------------------------------------------ build
+say "building chat-writer and the demo publisher (release)"
+[[ -d "$HOME/.cargo/bin" ]] && PATH="$HOME/.cargo/bin:$PATH"
+command -v cargo >/dev/null || die "cargo not found: install Rust (https://rustup.rs)"
+cargo build --release --bin chat-writer
+cargo build --release -p chat-writer-perf --bin demo
+WRITER="$BIN_DIR/chat-writer"
+DEMO="$BIN_DIR/demo"
+[[ -x "$WRITER" && -x "$DEMO" ]] || die "binaries not found in $BIN_DIR"
+
+# ------------------------------------------------------------ services
+. "$ROOT/perf/services.sh"
+es_up() { curl -fsS -o /dev/null --max-time 2 "$ES_URL/" 2>/dev/null; }
+
+say "checking MariaDB, Redis, RabbitMQ, Elasticsearch"
+command -v curl >/dev/null || die "curl not found (apt-get install -y curl)"
+ensure_services || die "a local service did not start (see above)"
+if es_up; then echo "Elasticsearch: up at $ES_URL"; else
+  echo "Elasticsearch: nothing at $ES_URL, starting osmem-server"
+  ensure_osmem_installed || die "pip install osmem-server failed"
+  ES_ADDR="${ES_URL#*://}"
+  ES_ADDR="${ES_ADDR%%/*}"
+  "$(osmem_bin)" -addr "$ES_ADDR" -no-stdin-watch >"$LOG_DIR/osmem.log" 2>&1 &
+  OSMEM_PID=$!
+  wait_up 30 osmem-server es_up || die "osmem-server did not answer on $ES_ADDR"
+  echo "osmem-server: pid $OSMEM_PID on $ES_ADDR (stopped at the end)"
+fi
+
+# ------------------------------------------------------------ clean demo state
+say "resetting database $DEMO_DB, index $DEMO_INDEX and the work queues"
+mysql -uroot -h127.0.0.1 -e "DROP DATABASE IF EXISTS \`$DEMO_DB\`"
+curl -fsS -o /dev/null -X DELETE "$ES_URL/$DEMO_INDEX" 2>/dev/null || true
+existing=$(rabbitmqctl -q -p / list_queues name --no-table-headers 2>/dev/null || true)
+# The work queues, plus what an earlier run may have left that belongs to the
+# dropped database: their delay queues (<queue>.retry.<delay>) and the
+# writer's internal index queue (chat_writer.index, pending _bulk documents).
+# Dead-letter queues are kept; the dead letters this run adds are counted.
+purged=()
+while read -r name; do
+  for q in "${QUEUES[@]}" chat_writer.index; do
+    if [[ "$name" == "$q" || "$name" == "$q".retry.* ]]; then
+      # </dev/null: rabbitmqctl would otherwise eat the rest of the list.
+      rabbitmqctl -q -p / purge_queue "$name" </dev/null >/dev/null
+      purged+=("$name")
+    fi
+  done
+done <<<"$existing"
+echo "purged ${#purged[@]} queues in vhost /${purged[*]:+: ${purged[*]}}"
+dlq_depth() { # total messages in the writer's .dlq queues
+  rabbitmqctl -q -p / list_queues name messages --no-table-headers 2>/dev/null |
+    awk '$1 ~ /^(create_chats|create_messages|update_messages|chat_writer\.index)\.dlq$/ { n += $2 } END { print n + 0 }'
+}
+DLQ_BEFORE=$(dlq_depth)
+
+export DATABASE_HOST=127.0.0.1 DATABASE_PORT=3306 DATABASE_USERNAME=root DATABASE_PASSWORD=
+export DATABASE_NAME="$DEMO_DB"
+export REDIS_URL=redis://127.0.0.1:6379/0
+export RABBITMQ_URL='amqp://guest:guest@127.0.0.1:5672/%2f'
+export ELASTICSEARCH_URL="$ES_URL" ELASTICSEARCH_INDEX="$DEMO_INDEX"
+export COUNT_SYNC_INTERVAL=1s
+export RUST_LOG="${RUST_LOG:-info}"
+
+# ------------------------------------------------------------ writer
+say "chat-writer migrate"
+"$WRITER" migrate
+
+say "starting chat-writer (log: $LOG_DIR/writer.log)"
+"$WRITER" >"$LOG_DIR/writer.log" 2>&1 &
+WRITER_PID=$!
+sleep 1
+kill -0 "$WRITER_PID" 2>/dev/null || {
+  tail -n 30 "$LOG_DIR/writer.log" >&2
+  die "chat-writer exited at start-up (log above)"
+}
+
+# ------------------------------------------------------------ demo
+say "running the demo publisher: $DEMO $*"
+"$DEMO" "$@" > >(tee "$LOG_DIR/demo.log") 2>&1 &
+DEMO_PID=$!
+finished=""
+wait -n -p finished "$DEMO_PID" "$WRITER_PID" && rc=0 || rc=$?
+if [[ "$finished" == "$WRITER_PID" ]]; then
+  WRITER_PID=""
+  tail -n 30 "$LOG_DIR/writer.log" >&2
+  die "chat-writer exited with code $rc while the demo was running (log above)"
+fi
+DEMO_PID=""
+DEMO_RC=$rc
+
+# ------------------------------------------------------------ stop the writer
+say "stopping chat-writer (SIGTERM)"
+kill -TERM "$WRITER_PID"
+t0=$SECONDS
+for _ in $(seq 1 180); do kill -0 "$WRITER_PID" 2>/dev/null || break; sleep 0.25; done
+if kill -0 "$WRITER_PID" 2>/dev/null; then
+  kill -KILL "$WRITER_PID" 2>/dev/null || true
+  wait "$WRITER_PID" 2>/dev/null || true
+  WRITER_PID=""
+  WRITER_RC="killed (still running 45s after SIGTERM)"
+else
+  wait "$WRITER_PID" && WRITER_RC=0 || WRITER_RC=$?
+  WRITER_PID=""
+fi
+echo "chat-writer exit code: $WRITER_RC (after $((SECONDS - t0))s)"
+DLQ_AFTER=$(dlq_depth)
+
+# ------------------------------------------------------------ verdict
+say "summary"
+sed -n '/== chat-writer demo summary/,$p' "$LOG_DIR/demo.log"
+echo "  dead letters added during the run:      $((DLQ_AFTER - DLQ_BEFORE))"
+echo "  chat-writer exit code after SIGTERM:    $WRITER_RC"
+echo "  logs: $LOG_DIR/writer.log, $LOG_DIR/demo.log"
+if [[ "$DEMO_RC" == 0 && "$WRITER_RC" == 0 ]]; then
+  echo "DEMO PASSED"
+  exit 0
+fi
+echo "DEMO FAILED (demo exit code $DEMO_RC, writer exit code $WRITER_RC)"
+exit 1

@@ -1,15 +1,24 @@
 #!/usr/bin/env bash
-# The project's test command (README.md, run by .ci/run): formatting, lint,
-# unit tests, then the integration tests against the real services
-# (MySQL 127.0.0.1:3306, Redis 127.0.0.1:6379, RabbitMQ 127.0.0.1:5672 with
-# rabbitmqctl, osmem-server from `pip install osmem-server`; see tests/README.md).
+# The project's test command (README.md; .ci/run runs exactly this): set-up
+# on a fresh machine of this kind (starts MariaDB, Redis or RabbitMQ if one
+# is down, installs osmem-server from PyPI if missing), then formatting,
+# lint, unit tests, and the integration tests against the real services
+# (see tests/README.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. perf/services.sh
+
+echo "== services"
+ensure_services
+ensure_osmem_installed
+OSMEM_SERVER_BIN=$(osmem_bin)
+export OSMEM_SERVER_BIN
+echo "osmem-server: $OSMEM_SERVER_BIN"
 
 echo "== cargo fmt --check"
 cargo fmt --all --check
 echo "== cargo clippy"
-cargo clippy --locked --all-targets -- -D warnings
+cargo clippy --locked --workspace --all-targets -- -D warnings
 echo "== unit tests"
 cargo test --locked --lib --bins
 echo "== integration tests"

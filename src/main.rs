@@ -13,6 +13,9 @@ fn help() -> String {
          USAGE:\n  chat-writer              run the service (stop with SIGTERM or SIGINT)\n  \
          chat-writer migrate      create DATABASE_NAME if missing and its schema, then exit\n  \
          chat-writer healthcheck  GET /healthz of the running writer at HTTP_ADDR; exit 0 or 1\n  \
+         chat-writer reindex      rebuild the Elasticsearch index from MySQL (progress on stderr)\n  \
+         chat-writer dlq show <queue> [N]    print up to N (10) dead letters of <queue>.dlq, keep them\n  \
+         chat-writer dlq replay <queue> [N]  move up to N (all) dead letters back to <queue>\n  \
          chat-writer --help       this text\n  chat-writer --version    version, commit and build date\n\n\
          ENVIRONMENT (a variable set to the empty string wins over its default):\n",
         chat_writer::version_line()
@@ -97,6 +100,75 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("chat-writer healthcheck: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        ["reindex"] => {
+            let cfg = match config() {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            init_logging(cfg.log_level);
+            let Some(url) = cfg.elasticsearch_url.as_deref() else {
+                eprintln!("chat-writer reindex: ELASTICSEARCH_URL is empty, indexing is disabled");
+                return ExitCode::from(2);
+            };
+            let store = chat_writer::mysql::Store::new(&cfg);
+            let client = chat_writer::elasticsearch::Client::new(url, &cfg.elasticsearch_index);
+            let result = smol::block_on(async {
+                let r = chat_writer::elasticsearch::backfill::reindex(&store, &client).await;
+                store.close().await;
+                r
+            });
+            match result {
+                Ok(n) => {
+                    eprintln!(
+                        "reindex: done, {n} documents in {}",
+                        cfg.elasticsearch_index
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("reindex failed: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        ["dlq", action @ ("show" | "replay"), queue, rest @ ..] if rest.len() <= 1 => {
+            let cfg = match config() {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            init_logging(cfg.log_level);
+            let n = match rest.first().map(|s| s.parse::<usize>()) {
+                None => None,
+                Some(Ok(n)) => Some(n),
+                Some(Err(_)) => {
+                    eprintln!(
+                        "chat-writer dlq: N must be a whole number, got {:?}",
+                        rest[0]
+                    );
+                    return ExitCode::from(2);
+                }
+            };
+            let url = cfg.rabbitmq_url.clone();
+            let result = smol::block_on(async {
+                if *action == "show" {
+                    chat_writer::amqp::dlq::show(&url, queue, n.unwrap_or(10)).await
+                } else {
+                    chat_writer::amqp::dlq::replay(&url, queue, n).await
+                }
+            });
+            match result {
+                Ok(count) => {
+                    if *action == "replay" {
+                        println!("moved {count} messages from {queue}.dlq to {queue}");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("chat-writer dlq {action}: {e}");
                     ExitCode::from(1)
                 }
             }

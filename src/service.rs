@@ -20,6 +20,7 @@ use crate::amqp::{self, INDEX_QUEUE, WORK_QUEUES};
 use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::count_sync::{self, CountSync};
+use crate::elasticsearch::backfill::{self, BACKFILL_QUEUE};
 use crate::elasticsearch::{indexer, Client};
 use crate::mysql::Store;
 use crate::pipeline::{self, Context};
@@ -29,6 +30,7 @@ use async_executor::LocalExecutor;
 use async_signal::{Signal, Signals};
 use smol::stream::StreamExt;
 use std::future::Future;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -227,29 +229,43 @@ async fn generation(
         });
         let (tx, rx) = smol::channel::unbounded::<Result<(), String>>();
         let mut tasks = Vec::new();
+        let mut spawn = |task: Pin<Box<dyn Future<Output = Result<(), String>>>>| {
+            let tx = tx.clone();
+            tasks.push(ex.spawn(async move {
+                let _ = tx.send(task.await).await;
+            }));
+        };
         for queue in WORK_QUEUES {
             let consumer = BatchConsumer::open(&conn, queue, cfg.prefetch)
                 .await
                 .map_err(|e| format!("consume {queue}: {e}"))?;
-            let (ctx, tx) = (ctx.clone(), tx.clone());
-            tasks.push(ex.spawn(async move {
-                let _ = tx.send(pipeline::run(&ctx, consumer).await).await;
-            }));
+            let ctx = ctx.clone();
+            spawn(Box::pin(async move { pipeline::run(&ctx, consumer).await }));
         }
         if let Some(client) = es {
             let consumer = BatchConsumer::open(&conn, INDEX_QUEUE, indexer::PREFETCH)
                 .await
                 .map_err(|e| format!("consume {INDEX_QUEUE}: {e}"))?;
-            let (tx, shutdown) = (tx.clone(), shutdown.clone());
-            tasks.push(ex.spawn(async move {
-                let _ = tx
-                    .send(indexer::run(client, consumer, republisher, shutdown).await)
-                    .await;
-            }));
+            spawn(Box::pin(indexer::run(
+                client,
+                consumer,
+                republisher.clone(),
+                shutdown.clone(),
+            )));
+            let consumer = BatchConsumer::open(&conn, BACKFILL_QUEUE, 1)
+                .await
+                .map_err(|e| format!("consume {BACKFILL_QUEUE}: {e}"))?;
+            spawn(Box::pin(backfill::run(
+                store.clone(),
+                consumer,
+                republisher,
+                shutdown.clone(),
+            )));
         }
+        let consuming = tasks.len();
         drop(tx);
         drop(ctx);
-        log::info!("rabbitmq: connected; consuming {} queues", tasks.len());
+        log::info!("rabbitmq: connected; consuming {consuming} queues");
         let mut result = Ok(());
         while let Ok(r) = rx.recv().await {
             if let Err(e) = r {

@@ -13,6 +13,24 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
 use smol::stream::StreamExt;
+use std::time::Duration;
+
+/// What [`BatchConsumer::next`] found.
+pub enum Next {
+    /// At least one delivery, at most the prefetch.
+    Batch(Vec<Delivery>),
+    /// Nothing arrived within the idle time.
+    Idle,
+    /// Shutdown was triggered before a delivery arrived.
+    Shutdown,
+}
+
+#[allow(clippy::large_enum_variant)] // short-lived, on the stack once per batch
+enum Wait {
+    Delivery(Option<lapin::Result<Delivery>>),
+    Shutdown,
+    Idle,
+}
 
 /// One queue's consumer on its own channel.
 pub struct BatchConsumer {
@@ -68,24 +86,50 @@ impl BatchConsumer {
         &mut self,
         shutdown: &Shutdown,
     ) -> Result<Option<Vec<Delivery>>, String> {
+        match self.next(shutdown, None).await? {
+            Next::Batch(b) => Ok(Some(b)),
+            Next::Idle | Next::Shutdown => Ok(None),
+        }
+    }
+
+    /// Like [`BatchConsumer::next_batch`], but also returns [`Next::Idle`]
+    /// when nothing arrives within `idle` (if given). Dropping the wait is
+    /// safe: nothing is taken from the stream until it is returned.
+    pub async fn next(
+        &mut self,
+        shutdown: &Shutdown,
+        idle: Option<Duration>,
+    ) -> Result<Next, String> {
         if let Some(e) = self.failed.take() {
             return Err(e);
         }
-        let first = smol::future::or(async { Some(self.consumer.next().await) }, async {
+        let idle_timer = async {
+            match idle {
+                Some(d) => {
+                    async_io::Timer::after(d).await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+            Wait::Idle
+        };
+        let shutdown_wait = async {
             shutdown.wait().await;
-            None
-        })
-        .await;
-        let first = match first {
-            None => return Ok(None),
-            Some(None) => {
+            Wait::Shutdown
+        };
+        let delivery = async { Wait::Delivery(self.consumer.next().await) };
+        let first = match smol::future::or(delivery, smol::future::or(shutdown_wait, idle_timer))
+            .await
+        {
+            Wait::Shutdown => return Ok(Next::Shutdown),
+            Wait::Idle => return Ok(Next::Idle),
+            Wait::Delivery(None) => {
                 return Err(format!(
                     "consumer of {} was cancelled or its channel closed",
                     self.queue
                 ))
             }
-            Some(Some(Err(e))) => return Err(format!("consumer of {}: {e}", self.queue)),
-            Some(Some(Ok(d))) => d,
+            Wait::Delivery(Some(Err(e))) => return Err(format!("consumer of {}: {e}", self.queue)),
+            Wait::Delivery(Some(Ok(d))) => d,
         };
         let mut batch = Vec::with_capacity(self.max.min(64));
         batch.push(first);
@@ -107,7 +151,7 @@ impl BatchConsumer {
                 }
             }
         }
-        Ok(Some(batch))
+        Ok(Next::Batch(batch))
     }
 
     /// Acks every delivery up to and including `last` (`multiple = true`).

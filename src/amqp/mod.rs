@@ -5,6 +5,7 @@
 //! every consumer loop of ours runs on the writer's single `LocalExecutor`.
 
 pub mod consumer;
+pub mod dlq;
 pub mod republish;
 pub mod topology;
 

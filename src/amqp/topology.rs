@@ -9,14 +9,15 @@
 
 use super::{dead_letter_queue, is_not_found, is_precondition_failed, retry_queue};
 use super::{INDEX_QUEUE, WORK_QUEUES};
+use crate::elasticsearch::backfill::BACKFILL_QUEUE;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Connection};
 use std::time::Duration;
 
 /// Declares every queue the writer uses: the work queues, their `.dlq`, one
-/// delay queue per work queue and tier, and (when indexing) the index queue
-/// and its `.dlq`.
+/// delay queue per work queue and tier, and (when indexing) the index queue,
+/// its `.dlq` and the backfill cursor queue.
 ///
 /// Errors: connection-level failures; the caller reconnects.
 pub async fn declare_all(
@@ -54,6 +55,7 @@ pub async fn declare_all(
             FieldTable::default(),
         )
         .await?;
+        ch = ensure(conn, ch, BACKFILL_QUEUE, FieldTable::default()).await?;
     }
     let _ = ch.close(200, "declared".into()).await;
     Ok(())

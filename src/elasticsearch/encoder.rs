@@ -92,6 +92,7 @@ mod tests {
     #[test]
     fn encodes_whole_documents() {
         let row = MessageRow {
+            id: 9,
             chat_id: 1,
             number: 2,
             token: "app\"x".into(),

@@ -4,27 +4,130 @@
 //! message (confirmed before they ack), so indexing never holds up MySQL
 //! writes and no index write is lost while Elasticsearch is down, slow or
 //! rejecting, nor across a restart. This task takes every ready index
-//! message (up to its prefetch), sends their documents as one `_bulk`,
-//! and acts on the classification of `retry`: transient failures are
-//! retried with backoff (failed items alone), a missing index is created
-//! with the mapping, refused items go to `chat_writer.index.dlq` with the
-//! reason. Messages are acked only when every document is settled.
+//! message (up to its prefetch), sends their documents as one `_bulk` and
+//! acts on the classification of `retry`: transient failures are retried
+//! with backoff (the failed items alone), refused items go to
+//! `chat_writer.index.dlq` with the reason. Messages are acked only when
+//! every document is settled. Before bulks (at most every second) and when
+//! idle, the index's identity is checked (`watch`); a lost index is
+//! recreated and a backfill from MySQL is requested (`backfill`).
 
 use super::encoder::split_documents;
 use super::retry::{BulkVerdict, ItemVerdict};
-use super::Client;
-use crate::amqp::consumer::BatchConsumer;
+use super::watch::IndexWatch;
+use super::{backfill, Client};
+use crate::amqp::consumer::{BatchConsumer, Next};
 use crate::amqp::republish::{failure_properties, Outgoing, Republisher};
 use crate::amqp::{dead_letter_queue, INDEX_QUEUE};
 use crate::backoff::Backoff;
 use crate::shutdown::Shutdown;
-use std::ops::Range;
+use std::time::Duration;
 
 /// Index messages taken per `_bulk` (each holds up to one batch of documents).
 pub const PREFETCH: u16 = 16;
+/// Identity check before a bulk, at most this often.
+const CHECK_BEFORE_BULK: Duration = Duration::from_secs(1);
+/// Identity check while idle.
+const CHECK_IDLE: Duration = Duration::from_secs(3);
 
-/// A document inside a delivery: (delivery index, byte range).
-type Doc = (usize, Range<usize>);
+/// The outcome of [`bulk_until_settled`].
+#[derive(Debug, Default)]
+pub struct Settled {
+    /// Documents refused for good: (position in the input, reason).
+    pub rejected: Vec<(usize, String)>,
+    /// The index was found missing or replaced on the way: backfill it.
+    pub backfill: bool,
+}
+
+/// Sends `docs` (each the two NDJSON lines of one document) with `_bulk`
+/// until every one is indexed or refused for good, retrying transient
+/// failures with backoff and repairing a missing index through `watch`.
+///
+/// Returns `None` if shutdown came while waiting to retry (nothing settled).
+pub async fn bulk_until_settled(
+    client: &Client,
+    watch: &mut IndexWatch,
+    docs: &[&[u8]],
+    body: &mut Vec<u8>,
+    shutdown: &Shutdown,
+) -> Option<Settled> {
+    let mut settled = Settled::default();
+    let mut pending: Vec<usize> = (0..docs.len()).collect();
+    let mut backoff = Backoff::default();
+    while !pending.is_empty() {
+        body.clear();
+        for i in &pending {
+            body.extend_from_slice(docs[*i]);
+        }
+        let (buf, verdict) = client.bulk(std::mem::take(body), pending.len()).await;
+        *body = buf;
+        let mut index_missing = false;
+        let mut transient = None;
+        match verdict {
+            BulkVerdict::AllDone => pending.clear(),
+            BulkVerdict::RetryAll(reason) => transient = Some(reason),
+            BulkVerdict::IndexMissing => index_missing = true,
+            BulkVerdict::RejectAll(reason) => {
+                settled
+                    .rejected
+                    .extend(pending.drain(..).map(|i| (i, reason.clone())));
+            }
+            BulkVerdict::Items(verdicts) => {
+                let mut again = Vec::new();
+                for (i, v) in pending.drain(..).zip(verdicts) {
+                    match v {
+                        ItemVerdict::Done => {}
+                        ItemVerdict::Retry(reason) => {
+                            transient.get_or_insert(reason);
+                            again.push(i);
+                        }
+                        ItemVerdict::IndexMissing => {
+                            index_missing = true;
+                            again.push(i);
+                        }
+                        ItemVerdict::Reject(reason) => settled.rejected.push((i, reason)),
+                    }
+                }
+                pending = again;
+            }
+        }
+        if index_missing {
+            match watch.check(client).await {
+                Ok(backfill) => settled.backfill |= backfill,
+                Err(e) => transient = Some(e),
+            }
+        }
+        if let (Some(reason), false) = (transient, pending.is_empty()) {
+            log::warn!(
+                "elasticsearch: {} of {} documents not indexed yet, retry={}: {reason}",
+                pending.len(),
+                docs.len(),
+                backoff.attempts() + 1
+            );
+            if !backoff.wait(shutdown).await {
+                return None;
+            }
+        }
+    }
+    Some(settled)
+}
+
+/// Checks the index identity; on a new index, asks for a backfill.
+/// Errors are logged (Elasticsearch may be down; bulks retry on their own).
+async fn check_index(
+    client: &Client,
+    watch: &mut IndexWatch,
+    republisher: &Republisher,
+) -> Result<(), String> {
+    match watch.check(client).await {
+        Ok(true) => backfill::request(republisher).await,
+        Ok(false) => Ok(()),
+        Err(e) => {
+            log::warn!("elasticsearch: cannot check index {}: {e}", client.index());
+            Ok(())
+        }
+    }
+}
 
 /// Runs until shutdown (`Ok`) or an AMQP failure (`Err`).
 pub async fn run(
@@ -33,113 +136,50 @@ pub async fn run(
     republisher: Republisher,
     shutdown: Shutdown,
 ) -> Result<(), String> {
-    // Before any bulk: a bulk into a missing index would auto-create it
-    // with a dynamic mapping (token as text), not the contract's.
-    let mut backoff = Backoff::default();
-    loop {
-        match client.ensure_index().await {
-            Ok(created) => {
-                if created {
-                    log::info!(
-                        "elasticsearch: created index {} with the mapping",
-                        client.index()
-                    );
-                }
-                break;
-            }
-            Err(e) => {
-                log::warn!(
-                    "elasticsearch: cannot check index yet, retry={}: {e}",
-                    backoff.attempts() + 1
-                );
-                if !backoff.wait(&shutdown).await {
-                    return Ok(());
-                }
-            }
-        }
-    }
+    let mut watch = IndexWatch::new();
+    check_index(&client, &mut watch, &republisher).await?;
     let mut body: Vec<u8> = Vec::new();
     loop {
-        let Some(batch) = consumer.next_batch(&shutdown).await? else {
+        let batch = match consumer.next(&shutdown, Some(CHECK_IDLE)).await? {
+            Next::Shutdown => return Ok(()),
+            Next::Idle => {
+                check_index(&client, &mut watch, &republisher).await?;
+                continue;
+            }
+            Next::Batch(b) => b,
+        };
+        if watch.due(CHECK_BEFORE_BULK) {
+            check_index(&client, &mut watch, &republisher).await?;
+        }
+        let mut docs: Vec<&[u8]> = Vec::new();
+        let mut owner: Vec<usize> = Vec::new();
+        for (i, d) in batch.iter().enumerate() {
+            for r in split_documents(&d.data) {
+                docs.push(&d.data[r]);
+                owner.push(i);
+            }
+        }
+        let Some(settled) =
+            bulk_until_settled(&client, &mut watch, &docs, &mut body, &shutdown).await
+        else {
+            // Unacked: the index messages stay queued for the next start.
             return Ok(());
         };
-        let mut pending: Vec<Doc> = Vec::new();
-        for (i, d) in batch.iter().enumerate() {
-            pending.extend(split_documents(&d.data).into_iter().map(|r| (i, r)));
+        if settled.backfill {
+            backfill::request(&republisher).await?;
         }
-        let total = pending.len();
-        let mut rejected: Vec<(Doc, String)> = Vec::new();
-        let mut backoff = Backoff::default();
-        while !pending.is_empty() {
-            body.clear();
-            for (i, r) in &pending {
-                body.extend_from_slice(&batch[*i].data[r.clone()]);
-            }
-            let (buf, verdict) = client.bulk(std::mem::take(&mut body), pending.len()).await;
-            body = buf;
-            let mut index_missing = false;
-            let mut transient = None;
-            match verdict {
-                BulkVerdict::AllDone => pending.clear(),
-                BulkVerdict::RetryAll(reason) => transient = Some(reason),
-                BulkVerdict::IndexMissing => index_missing = true,
-                BulkVerdict::RejectAll(reason) => {
-                    rejected.extend(pending.drain(..).map(|d| (d, reason.clone())));
-                }
-                BulkVerdict::Items(verdicts) => {
-                    let mut again = Vec::new();
-                    for (doc, v) in pending.drain(..).zip(verdicts) {
-                        match v {
-                            ItemVerdict::Done => {}
-                            ItemVerdict::Retry(reason) => {
-                                transient.get_or_insert(reason);
-                                again.push(doc);
-                            }
-                            ItemVerdict::IndexMissing => {
-                                index_missing = true;
-                                again.push(doc);
-                            }
-                            ItemVerdict::Reject(reason) => rejected.push((doc, reason)),
-                        }
-                    }
-                    pending = again;
-                }
-            }
-            if index_missing {
-                match client.ensure_index().await {
-                    Ok(true) => log::warn!(
-                        "elasticsearch: index {} was missing; created it with the mapping",
-                        client.index()
-                    ),
-                    Ok(false) => {}
-                    Err(e) => transient = Some(e),
-                }
-            }
-            if let Some(reason) = transient {
-                if !pending.is_empty() {
-                    log::warn!(
-                        "elasticsearch: {} of {total} documents not indexed yet, retry={}: {reason}",
-                        pending.len(),
-                        backoff.attempts() + 1
-                    );
-                    if !backoff.wait(&shutdown).await {
-                        // Unacked: the index messages stay queued for the next start.
-                        return Ok(());
-                    }
-                }
-            }
-        }
-        if !rejected.is_empty() {
+        if !settled.rejected.is_empty() {
             let now_secs = crate::time::now_micros() / 1_000_000;
-            let out: Vec<Outgoing<'_>> = rejected
+            let out: Vec<Outgoing<'_>> = settled
+                .rejected
                 .iter()
-                .map(|((i, r), reason)| {
+                .map(|(i, reason)| {
                     log::error!("elasticsearch: document refused, dead-lettered: {reason}");
                     Outgoing {
                         queue: dead_letter_queue(INDEX_QUEUE),
-                        data: &batch[*i].data[r.clone()],
+                        data: docs[*i],
                         properties: failure_properties(
-                            &batch[*i].properties,
+                            &batch[owner[*i]].properties,
                             INDEX_QUEUE,
                             reason,
                             0,
@@ -154,8 +194,9 @@ pub async fn run(
             .ack_through(batch.last().expect("a batch is never empty"))
             .await?;
         log::debug!(
-            "indexed documents={total} refused={} messages={}",
-            rejected.len(),
+            "indexed documents={} refused={} messages={}",
+            docs.len(),
+            settled.rejected.len(),
             batch.len()
         );
     }

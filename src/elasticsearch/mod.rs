@@ -5,9 +5,11 @@
 //! network (CONTRACT section 1). `encoder` turns rows into bulk lines,
 //! `retry` classifies responses, `indexer` drains the internal index queue.
 
+pub mod backfill;
 pub mod encoder;
 pub mod indexer;
 pub mod retry;
+pub mod watch;
 
 use retry::BulkVerdict;
 use std::sync::Arc;
@@ -46,39 +48,122 @@ impl Client {
         &self.index
     }
 
-    /// Creates the index with [`MAPPING`] if it does not exist.
-    ///
-    /// Returns `true` if this call created it. Errors: a one-line reason
-    /// (unreachable, unexpected status); the caller retries with backoff.
-    pub async fn ensure_index(&self) -> Result<bool, String> {
+    /// Runs a blocking request on smol's blocking pool: `(status, body)`.
+    async fn request(
+        &self,
+        method: &'static str,
+        path: String,
+        body: Option<&'static str>,
+    ) -> Result<(u16, String), String> {
         let this = self.clone();
         smol::unblock(move || {
-            let url = format!("{}/{}", this.base, this.index);
-            let head = this
-                .agent
-                .head(&url)
-                .call()
-                .map_err(|e| format!("HEAD {url}: {e}"))?;
-            match head.status().as_u16() {
-                200 => return Ok(false),
-                404 => {}
-                s => return Err(format!("HEAD {url}: HTTP {s}")),
-            }
-            let mut resp = this
-                .agent
-                .put(&url)
-                .header("Content-Type", "application/json")
-                .send(MAPPING)
-                .map_err(|e| format!("PUT {url}: {e}"))?;
+            let url = format!("{}/{}{path}", this.base, this.index);
+            let result = match (method, body) {
+                ("PUT", Some(b)) => this
+                    .agent
+                    .put(&url)
+                    .header("Content-Type", "application/json")
+                    .send(b),
+                ("DELETE", _) => this.agent.delete(&url).call(),
+                _ => this.agent.get(&url).call(),
+            };
+            let mut resp = result.map_err(|e| format!("{method} {url}: {e}"))?;
             let status = resp.status().as_u16();
-            let body = resp.body_mut().read_to_string().unwrap_or_default();
-            match status {
-                200 | 201 => Ok(true),
-                400 if body.contains("resource_already_exists_exception") => Ok(false),
-                s => Err(format!("PUT {url}: HTTP {s}: {}", body.replace('\n', " "))),
-            }
+            let text = resp
+                .body_mut()
+                .with_config()
+                .limit(16 << 20)
+                .read_to_string()
+                .unwrap_or_default();
+            Ok((status, text))
         })
         .await
+    }
+
+    /// The identity (`index.uuid`) of the index behind the name, `None`
+    /// when it does not exist. For an alias over several indices, the first.
+    ///
+    /// Errors: unreachable, or an unexpected answer, as one line.
+    pub async fn index_uuid(&self) -> Result<Option<String>, String> {
+        let (status, text) = self
+            .request(
+                "GET",
+                "/_settings/index.uuid?flat_settings=true".into(),
+                None,
+            )
+            .await?;
+        match status {
+            404 => Ok(None),
+            200 => {
+                let v: serde_json::Value =
+                    serde_json::from_str(&text).map_err(|e| format!("settings: {e}"))?;
+                let uuid = v
+                    .as_object()
+                    .and_then(|o| o.values().next())
+                    .and_then(|i| i.pointer("/settings/index.uuid"))
+                    .and_then(|u| u.as_str())
+                    .ok_or_else(|| format!("settings without index.uuid: {}", one_line(&text)))?;
+                Ok(Some(uuid.to_string()))
+            }
+            s => Err(format!(
+                "GET {}/_settings: HTTP {s}: {}",
+                self.index,
+                one_line(&text)
+            )),
+        }
+    }
+
+    /// True when every index behind the name maps `token` as `keyword`
+    /// (the contract's mapping, not a dynamic one from an auto-create).
+    ///
+    /// Errors: unreachable, or an unexpected answer.
+    pub async fn has_our_mapping(&self) -> Result<bool, String> {
+        let (status, text) = self.request("GET", "/_mapping".into(), None).await?;
+        if status != 200 {
+            return Err(format!(
+                "GET {}/_mapping: HTTP {status}: {}",
+                self.index,
+                one_line(&text)
+            ));
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| format!("mapping: {e}"))?;
+        let indices = v.as_object().ok_or("mapping is not an object")?;
+        Ok(!indices.is_empty()
+            && indices.values().all(|i| {
+                i.pointer("/mappings/properties/token/type")
+                    .and_then(|t| t.as_str())
+                    == Some("keyword")
+            }))
+    }
+
+    /// Creates the index with [`MAPPING`]. Returns `false` if it already
+    /// existed (someone else won the race).
+    ///
+    /// Errors: unreachable, or an unexpected answer.
+    pub async fn create_index(&self) -> Result<bool, String> {
+        let (status, text) = self.request("PUT", String::new(), Some(MAPPING)).await?;
+        match status {
+            200 | 201 => Ok(true),
+            400 if text.contains("resource_already_exists_exception") => Ok(false),
+            s => Err(format!("PUT {}: HTTP {s}: {}", self.index, one_line(&text))),
+        }
+    }
+
+    /// Deletes the index (used only for an index that was auto-created with
+    /// a dynamic mapping by a write that raced its deletion).
+    ///
+    /// Errors: unreachable, or an unexpected answer.
+    pub async fn delete_index(&self) -> Result<(), String> {
+        let (status, text) = self.request("DELETE", String::new(), None).await?;
+        match status {
+            200 | 404 => Ok(()),
+            s => Err(format!(
+                "DELETE {}: HTTP {s}: {}",
+                self.index,
+                one_line(&text)
+            )),
+        }
     }
 
     /// Sends `body` (NDJSON holding `docs` documents) to `/<index>/_bulk`
@@ -106,4 +191,8 @@ impl Client {
         })
         .await
     }
+}
+
+fn one_line(s: &str) -> String {
+    s.replace(['\n', '\r'], " ").chars().take(300).collect()
 }

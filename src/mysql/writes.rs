@@ -36,6 +36,8 @@ pub enum Outcome {
 /// A message row as stored, read back for indexing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MessageRow {
+    /// `messages.id`.
+    pub id: i64,
     /// `messages.chat_id`.
     pub chat_id: i64,
     /// `messages.number`.
@@ -104,17 +106,35 @@ async fn existing_ids(
     Ok(tx.query::<i64, _>(q).await?.into_iter().collect())
 }
 
-const READ_BACK: &str = "SELECT chat_id, number, token, chat_number, body, \
+/// The columns of a [`MessageRow`], in its field order.
+const MESSAGE_COLUMNS: &str = "SELECT id, chat_id, number, token, chat_number, body, \
     CAST(TIMESTAMPDIFF(MICROSECOND, '1970-01-01', created_at) AS SIGNED), \
     CAST(TIMESTAMPDIFF(MICROSECOND, '1970-01-01', updated_at) AS SIGNED) \
-    FROM messages WHERE (chat_id, number) IN (";
+    FROM messages ";
+
+type RawMessageRow = (i64, i64, i32, String, i32, String, i64, i64);
+
+fn message_row(r: RawMessageRow) -> MessageRow {
+    let (id, chat_id, number, token, chat_number, body, created_at, updated_at) = r;
+    MessageRow {
+        id,
+        chat_id,
+        number,
+        token,
+        chat_number,
+        body,
+        created_at,
+        updated_at,
+    }
+}
 
 /// Reads back the rows `(chat_id, number)` as stored.
 async fn read_back(
     tx: &mut Transaction<'_>,
     keys: impl Iterator<Item = (i64, i32)>,
 ) -> Result<Vec<MessageRow>, mysql_async::Error> {
-    let mut q = String::from(READ_BACK);
+    let mut q = String::from(MESSAGE_COLUMNS);
+    q.push_str("WHERE (chat_id, number) IN (");
     for (i, (chat_id, number)) in keys.enumerate() {
         if i > 0 {
             q.push(',');
@@ -126,21 +146,8 @@ async fn read_back(
         q.push(')');
     }
     q.push(')');
-    let rows: Vec<(i64, i32, String, i32, String, i64, i64)> = tx.query(q).await?;
-    Ok(rows
-        .into_iter()
-        .map(
-            |(chat_id, number, token, chat_number, body, created_at, updated_at)| MessageRow {
-                chat_id,
-                number,
-                token,
-                chat_number,
-                body,
-                created_at,
-                updated_at,
-            },
-        )
-        .collect())
+    let rows: Vec<RawMessageRow> = tx.query(q).await?;
+    Ok(rows.into_iter().map(message_row).collect())
 }
 
 impl Store {
@@ -450,6 +457,40 @@ impl Store {
              SET c.messages_count = u.cnt WHERE c.messages_count < u.cnt",
         );
         self.run_update(q).await
+    }
+
+    /// Up to `limit` message rows with `id > after_id`, in id order: the
+    /// unit of a backfill or `reindex` pass (CONTRACT section 7).
+    ///
+    /// Errors: any MySQL error (the caller retries or exits).
+    pub async fn messages_after(
+        &self,
+        after_id: i64,
+        limit: usize,
+    ) -> Result<Vec<MessageRow>, mysql_async::Error> {
+        let mut q = String::from(MESSAGE_COLUMNS);
+        q.push_str("WHERE id > ");
+        push_int(&mut q, after_id);
+        q.push_str(" ORDER BY id LIMIT ");
+        push_int(&mut q, limit as i64);
+        Compat::new(async {
+            let mut conn = self.pool.get_conn().await?;
+            let rows: Vec<RawMessageRow> = conn.query(q).await?;
+            Ok(rows.into_iter().map(message_row).collect())
+        })
+        .await
+    }
+
+    /// `SELECT COUNT(*) FROM messages`, for progress lines.
+    pub async fn count_messages(&self) -> Result<u64, mysql_async::Error> {
+        Compat::new(async {
+            let mut conn = self.pool.get_conn().await?;
+            Ok(conn
+                .query_first::<u64, _>("SELECT COUNT(*) FROM messages")
+                .await?
+                .unwrap_or(0))
+        })
+        .await
     }
 
     async fn run_update(&self, q: String) -> Result<u64, mysql_async::Error> {

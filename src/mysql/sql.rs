@@ -34,6 +34,73 @@ pub fn push_str(out: &mut String, s: &str) {
     out.push('\'');
 }
 
+/// One literal of a row in a multi-row statement.
+#[derive(Debug, Clone, Copy)]
+pub enum Lit<'a> {
+    /// An integer.
+    Int(i64),
+    /// An integer or `NULL`.
+    OptInt(Option<i64>),
+    /// A string (quoted, escaped).
+    Str(&'a str),
+    /// A `DATETIME(6)` value.
+    DateTime(Micros),
+}
+
+/// Appends one literal.
+pub fn push_lit(out: &mut String, v: Lit<'_>) {
+    match v {
+        Lit::Int(i) => push_int(out, i),
+        Lit::OptInt(i) => push_opt_int(out, i),
+        Lit::Str(s) => push_str(out, s),
+        Lit::DateTime(t) => push_datetime(out, t),
+    }
+}
+
+/// Appends `(a,b,…),(c,d,…)` for `INSERT … VALUES`.
+pub fn push_tuples<'a, R: AsRef<[Lit<'a>]>>(out: &mut String, rows: impl IntoIterator<Item = R>) {
+    for (i, row) in rows.into_iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push('(');
+        for (j, v) in row.as_ref().iter().enumerate() {
+            if j > 0 {
+                out.push(',');
+            }
+            push_lit(out, *v);
+        }
+        out.push(')');
+    }
+}
+
+/// Appends a derived table of literal rows,
+/// `SELECT a AS c1, b AS c2 UNION ALL SELECT c, d …`, for
+/// `UPDATE … JOIN (<this>) u ON …`. `columns` name the first row's values.
+pub fn push_union_table<'a, R: AsRef<[Lit<'a>]>>(
+    out: &mut String,
+    columns: &[&str],
+    rows: impl IntoIterator<Item = R>,
+) {
+    for (i, row) in rows.into_iter().enumerate() {
+        out.push_str(if i == 0 {
+            "SELECT "
+        } else {
+            " UNION ALL SELECT "
+        });
+        for (j, v) in row.as_ref().iter().enumerate() {
+            if j > 0 {
+                out.push(',');
+            }
+            push_lit(out, *v);
+            if i == 0 {
+                out.push_str(" AS ");
+                out.push_str(columns[j]);
+            }
+        }
+    }
+}
+
 /// Appends an integer literal.
 pub fn push_int(out: &mut String, v: i64) {
     let _ = write!(out, "{v}");
@@ -89,5 +156,22 @@ mod tests {
         s.push(' ');
         push_ident(&mut s, "we`ird");
         assert_eq!(s, "NULL 1,-2,3 '2026-11-29 12:00:00.123456' `we``ird`");
+    }
+
+    #[test]
+    fn rows() {
+        let rows = [
+            [Lit::Int(1), Lit::Str("a"), Lit::OptInt(None)],
+            [Lit::Int(2), Lit::Str("b'"), Lit::OptInt(Some(3))],
+        ];
+        let mut s = String::new();
+        push_tuples(&mut s, rows);
+        assert_eq!(s, r"(1,'a',NULL),(2,'b\'',3)");
+        let mut s = String::new();
+        push_union_table(&mut s, &["id", "name", "n"], rows);
+        assert_eq!(
+            s,
+            r"SELECT 1 AS id,'a' AS name,NULL AS n UNION ALL SELECT 2,'b\'',3"
+        );
     }
 }

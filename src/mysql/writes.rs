@@ -8,7 +8,7 @@
 //! database refuses a value, the batch is bisected to isolate the poison
 //! message(s) in O(k log n) transactions instead of one per message.
 
-use super::sql::{push_datetime, push_int, push_int_list, push_opt_int, push_str};
+use super::sql::{push_int, push_int_list, push_tuples, push_union_table, Lit};
 use super::{classify, Fault, Store};
 use crate::payload::{CreateChat, CreateMessage, UpdateMessage};
 use crate::time::Micros;
@@ -106,6 +106,41 @@ async fn existing_ids(
     Ok(tx.query::<i64, _>(q).await?.into_iter().collect())
 }
 
+/// The multi-row insert shared by chats and messages: checks which parents
+/// exist (one `SELECT … IN`), inserts the rows whose parent does with one
+/// `INSERT … VALUES (…),(…) ON DUPLICATE KEY UPDATE id = id`, and returns
+/// `Stored` or `ParentMissing` per input row, in order.
+async fn insert_children<'a, const N: usize>(
+    tx: &mut Transaction<'_>,
+    parent_table: &str,
+    insert: &str,
+    rows: impl Iterator<Item = (i64, [Lit<'a>; N])> + Clone,
+) -> Result<Vec<Outcome>, mysql_async::Error> {
+    let parents = existing_ids(tx, parent_table, rows.clone().map(|(p, _)| p)).await?;
+    let outcomes: Vec<Outcome> = rows
+        .clone()
+        .map(|(p, _)| {
+            if parents.contains(&p) {
+                Outcome::Stored
+            } else {
+                Outcome::ParentMissing
+            }
+        })
+        .collect();
+    if outcomes.contains(&Outcome::Stored) {
+        let mut q = String::with_capacity(insert.len() + 64 + outcomes.len() * 160);
+        q.push_str(insert);
+        push_tuples(
+            &mut q,
+            rows.filter(|(p, _)| parents.contains(p))
+                .map(|(_, row)| row),
+        );
+        q.push_str(" ON DUPLICATE KEY UPDATE id = id");
+        tx.query_drop(q).await?;
+    }
+    Ok(outcomes)
+}
+
 /// The columns of a [`MessageRow`], in its field order.
 const MESSAGE_COLUMNS: &str = "SELECT id, chat_id, number, token, chat_number, body, \
     CAST(TIMESTAMPDIFF(MICROSECOND, '1970-01-01', created_at) AS SIGNED), \
@@ -171,47 +206,26 @@ impl Store {
         items: &[(&CreateChat, Micros)],
     ) -> Result<Vec<Outcome>, mysql_async::Error> {
         let mut tx = begin(self).await?;
-        let parents = existing_ids(
+        let rows = items.iter().map(|(c, at)| {
+            let row = [
+                Lit::Int(c.application_id),
+                Lit::Str(&c.token),
+                Lit::Int(i64::from(c.number)),
+                Lit::Int(0),
+                Lit::OptInt(c.creator_id),
+                Lit::DateTime(*at),
+                Lit::DateTime(*at),
+            ];
+            (c.application_id, row)
+        });
+        let outcomes = insert_children(
             &mut tx,
             "applications",
-            items.iter().map(|(c, _)| c.application_id),
-        )
-        .await?;
-        let mut q = String::with_capacity(64 + items.len() * 96);
-        q.push_str(
             "INSERT INTO chats (application_id, token, number, messages_count, creator_id, \
              created_at, updated_at) VALUES ",
-        );
-        let mut outcomes = Vec::with_capacity(items.len());
-        let mut any = false;
-        for (c, at) in items {
-            if !parents.contains(&c.application_id) {
-                outcomes.push(Outcome::ParentMissing);
-                continue;
-            }
-            outcomes.push(Outcome::Stored);
-            if any {
-                q.push(',');
-            }
-            any = true;
-            q.push('(');
-            push_int(&mut q, c.application_id);
-            q.push(',');
-            push_str(&mut q, &c.token);
-            q.push(',');
-            push_int(&mut q, i64::from(c.number));
-            q.push_str(",0,");
-            push_opt_int(&mut q, c.creator_id);
-            q.push(',');
-            push_datetime(&mut q, *at);
-            q.push(',');
-            push_datetime(&mut q, *at);
-            q.push(')');
-        }
-        if any {
-            q.push_str(" ON DUPLICATE KEY UPDATE id = id");
-            tx.query_drop(q).await?;
-        }
+            rows,
+        )
+        .await?;
         tx.commit().await?;
         Ok(outcomes)
     }
@@ -246,55 +260,35 @@ impl Store {
         want_rows: bool,
     ) -> Result<(Vec<Outcome>, Vec<MessageRow>), mysql_async::Error> {
         let mut tx = begin(self).await?;
-        let parents = existing_ids(&mut tx, "chats", items.iter().map(|(m, _)| m.chat_id)).await?;
-        let body_bytes: usize = items.iter().map(|(m, _)| m.body.len()).sum();
-        let mut q = String::with_capacity(128 + items.len() * 128 + body_bytes * 11 / 10);
-        q.push_str(
+        let rows = items.iter().map(|(m, at)| {
+            let row = [
+                Lit::Int(m.chat_id),
+                Lit::Str(&m.token),
+                Lit::Int(i64::from(m.chat_number)),
+                Lit::Int(i64::from(m.number)),
+                Lit::Str(&m.body),
+                Lit::OptInt(m.creator_id),
+                Lit::DateTime(*at),
+                Lit::DateTime(*at),
+            ];
+            (m.chat_id, row)
+        });
+        let outcomes = insert_children(
+            &mut tx,
+            "chats",
             "INSERT INTO messages (chat_id, token, chat_number, number, body, creator_id, \
              created_at, updated_at) VALUES ",
-        );
-        let mut outcomes = Vec::with_capacity(items.len());
-        let mut stored = 0usize;
-        for (m, at) in items {
-            if !parents.contains(&m.chat_id) {
-                outcomes.push(Outcome::ParentMissing);
-                continue;
-            }
-            outcomes.push(Outcome::Stored);
-            if stored > 0 {
-                q.push(',');
-            }
-            stored += 1;
-            q.push('(');
-            push_int(&mut q, m.chat_id);
-            q.push(',');
-            push_str(&mut q, &m.token);
-            q.push(',');
-            push_int(&mut q, i64::from(m.chat_number));
-            q.push(',');
-            push_int(&mut q, i64::from(m.number));
-            q.push(',');
-            push_str(&mut q, &m.body);
-            q.push(',');
-            push_opt_int(&mut q, m.creator_id);
-            q.push(',');
-            push_datetime(&mut q, *at);
-            q.push(',');
-            push_datetime(&mut q, *at);
-            q.push(')');
-        }
+            rows,
+        )
+        .await?;
         let mut rows = Vec::new();
-        if stored > 0 {
-            q.push_str(" ON DUPLICATE KEY UPDATE id = id");
-            tx.query_drop(q).await?;
-            if want_rows {
-                let keys = items
-                    .iter()
-                    .zip(&outcomes)
-                    .filter(|(_, o)| **o == Outcome::Stored)
-                    .map(|((m, _), _)| (m.chat_id, m.number));
-                rows = read_back(&mut tx, keys).await?;
-            }
+        if want_rows && outcomes.contains(&Outcome::Stored) {
+            let keys = items
+                .iter()
+                .zip(&outcomes)
+                .filter(|(_, o)| **o == Outcome::Stored)
+                .map(|((m, _), _)| (m.chat_id, m.number));
+            rows = read_back(&mut tx, keys).await?;
         }
         tx.commit().await?;
         Ok((outcomes, rows))
@@ -356,24 +350,14 @@ impl Store {
         let body_bytes: usize = items.iter().map(|u| u.body.len()).sum();
         let mut q = String::with_capacity(256 + items.len() * 64 + body_bytes * 11 / 10);
         q.push_str("UPDATE messages m JOIN (");
-        for (i, u) in items.iter().enumerate() {
-            if i == 0 {
-                q.push_str("SELECT ");
-                push_int(&mut q, u.chat_id);
-                q.push_str(" AS chat_id,");
-                push_int(&mut q, i64::from(u.number));
-                q.push_str(" AS number,");
-                push_str(&mut q, &u.body);
-                q.push_str(" AS body");
-            } else {
-                q.push_str(" UNION ALL SELECT ");
-                push_int(&mut q, u.chat_id);
-                q.push(',');
-                push_int(&mut q, i64::from(u.number));
-                q.push(',');
-                push_str(&mut q, &u.body);
-            }
-        }
+        let rows = items.iter().map(|u| {
+            [
+                Lit::Int(u.chat_id),
+                Lit::Int(i64::from(u.number)),
+                Lit::Str(&u.body),
+            ]
+        });
+        push_union_table(&mut q, &["chat_id", "number", "body"], rows);
         q.push_str(
             ") u ON m.chat_id = u.chat_id AND m.number = u.number \
              SET m.body = u.body, \
@@ -407,19 +391,10 @@ impl Store {
             return Ok(0);
         }
         let mut q = String::from("UPDATE applications a JOIN (");
-        for (i, (token, n)) in counts.iter().enumerate() {
-            q.push_str(if i == 0 {
-                "SELECT "
-            } else {
-                " UNION ALL SELECT "
-            });
-            push_str(&mut q, token);
-            q.push_str(if i == 0 { " AS token," } else { "," });
-            push_int(&mut q, *n);
-            if i == 0 {
-                q.push_str(" AS cnt");
-            }
-        }
+        let rows = counts
+            .iter()
+            .map(|(token, n)| [Lit::Str(token), Lit::Int(*n)]);
+        push_union_table(&mut q, &["token", "cnt"], rows);
         q.push_str(
             ") u ON a.token = u.token SET a.chats_count = u.cnt WHERE a.chats_count < u.cnt",
         );
@@ -437,21 +412,10 @@ impl Store {
             return Ok(0);
         }
         let mut q = String::from("UPDATE chats c JOIN (");
-        for (i, (token, number, n)) in counts.iter().enumerate() {
-            q.push_str(if i == 0 {
-                "SELECT "
-            } else {
-                " UNION ALL SELECT "
-            });
-            push_str(&mut q, token);
-            q.push_str(if i == 0 { " AS token," } else { "," });
-            push_int(&mut q, i64::from(*number));
-            q.push_str(if i == 0 { " AS number," } else { "," });
-            push_int(&mut q, *n);
-            if i == 0 {
-                q.push_str(" AS cnt");
-            }
-        }
+        let rows = counts.iter().map(|(token, number, n)| {
+            [Lit::Str(token), Lit::Int(i64::from(*number)), Lit::Int(*n)]
+        });
+        push_union_table(&mut q, &["token", "number", "cnt"], rows);
         q.push_str(
             ") u ON c.token = u.token AND c.number = u.number \
              SET c.messages_count = u.cnt WHERE c.messages_count < u.cnt",

@@ -209,24 +209,37 @@ impl Config {
             }
         };
         let es = get("ELASTICSEARCH_URL");
+        let es_ok = |u: &str| {
+            (u.starts_with("http://") || u.starts_with("https://"))
+                && u.parse::<ureq::http::Uri>()
+                    .is_ok_and(|uri| uri.host().is_some_and(|h| !h.is_empty()))
+        };
         let elasticsearch_url = if es.is_empty() {
             None
-        } else if es.starts_with("http://") || es.starts_with("https://") {
+        } else if es_ok(&es) {
             Some(es.trim_end_matches('/').to_string())
         } else {
             return Err(err(
                 "ELASTICSEARCH_URL",
                 &es,
-                "an http:// or https:// URL, or empty",
+                "an http:// or https:// URL with a host, or empty",
             ));
         };
         let redis_url = non_empty("REDIS_URL")?;
-        if !(redis_url.starts_with("redis://") || redis_url.starts_with("rediss://")) {
-            return Err(err("REDIS_URL", &redis_url, "a redis:// URL"));
+        if !(redis_url.starts_with("redis://") || redis_url.starts_with("rediss://"))
+            || redis::Client::open(redis_url.as_str()).is_err()
+        {
+            return Err(err("REDIS_URL", &redis_url, "a redis://host:port/db URL"));
         }
         let rabbitmq_url = non_empty("RABBITMQ_URL")?;
-        if !(rabbitmq_url.starts_with("amqp://") || rabbitmq_url.starts_with("amqps://")) {
-            return Err(err("RABBITMQ_URL", &rabbitmq_url, "an amqp:// URL"));
+        if !(rabbitmq_url.starts_with("amqp://") || rabbitmq_url.starts_with("amqps://"))
+            || rabbitmq_url.parse::<lapin::uri::AMQPUri>().is_err()
+        {
+            return Err(err(
+                "RABBITMQ_URL",
+                &rabbitmq_url,
+                "an amqp://user:pass@host:port/vhost URL",
+            ));
         }
         let index = non_empty("ELASTICSEARCH_INDEX")?;
         if index.contains(['/', '\\', '*', '?', '"', '<', '>', '|', ' ', ',', '#', ':'])
@@ -478,6 +491,9 @@ mod tests {
             ("ELASTICSEARCH_URL", "ftp://x"),
             ("ELASTICSEARCH_INDEX", "Bad Index"),
             ("RABBITMQ_URL", "http://x"),
+            ("RABBITMQ_URL", "amqp://[bad"),
+            ("ELASTICSEARCH_URL", "http://"),
+            ("REDIS_URL", "redis://h:99999/0"),
             ("REDIS_URL", ""),
             ("DATABASE_NAME", "a`b"),
             ("RETRY_DELAYS", "1s,never"),

@@ -9,7 +9,8 @@
 //! 3. publish, with confirms: malformed and refused messages to
 //!    `<queue>.dlq`; messages whose parent or row is missing to the next
 //!    delay tier `<queue>.retry.<delay>` (or the `.dlq` after the last);
-//!    the batch's documents as ONE message to the index queue;
+//!    the batch's documents as one message to the index queue (several if
+//!    over 4 MiB);
 //! 4. hand the change markers to the Redis flusher;
 //! 5. ack the batch with one `multiple` ack.
 //!
@@ -20,7 +21,7 @@ use crate::amqp::consumer::BatchConsumer;
 use crate::amqp::republish::{failure_properties, persistent, retry_count, Outgoing, Republisher};
 use crate::amqp::{dead_letter_queue, retry_queue, INDEX_QUEUE};
 use crate::backoff::Backoff;
-use crate::elasticsearch::encoder::push_document;
+use crate::elasticsearch::encoder::encode_bodies;
 use crate::mysql::{classify, MessageRow, Outcome, Store};
 use crate::payload::{CreateChat, CreateMessage, Malformed, UpdateMessage};
 use crate::redis_store::{MarkerSender, Markers};
@@ -253,19 +254,15 @@ async fn handle_batch(ctx: &Context, queue: &str, batch: &[Delivery]) -> Result<
             }
         }
     }
-    let mut docs = Vec::new();
-    if ctx.indexing && !rows.is_empty() {
-        docs.reserve(
-            rows.iter()
-                .map(|r| r.body.len() + r.token.len() * 2 + 160)
-                .sum(),
-        );
-        for r in &rows {
-            push_document(&mut docs, r);
-        }
+    let bodies = if ctx.indexing {
+        encode_bodies(&rows)
+    } else {
+        Vec::new()
+    };
+    for docs in &bodies {
         out.push(Outgoing {
             queue: INDEX_QUEUE.to_string(),
-            data: &docs,
+            data: docs,
             properties: persistent("application/x-ndjson"),
         });
     }

@@ -103,6 +103,11 @@ impl BatchConsumer {
         if let Some(e) = self.failed.take() {
             return Err(e);
         }
+        // Checked first: after a shutdown signal no new batch is taken,
+        // even when deliveries are waiting (they return to the queue).
+        if shutdown.is_triggered() {
+            return Ok(Next::Shutdown);
+        }
         let idle_timer = async {
             match idle {
                 Some(d) => {

@@ -103,7 +103,9 @@ fn as_i64(v: &AMQPValue) -> Option<i64> {
 
 /// The properties of a retried or dead-lettered copy of a delivery from
 /// `queue`: the original properties and headers, plus the failure headers.
-/// `x-first-failure` (unix seconds) is kept from an earlier failure.
+/// `x-first-failure` (unix seconds) is kept from an earlier failure. The one
+/// property not kept is `expiration` (moved to `x-original-expiration`), so
+/// a dead letter never expires out of its `.dlq`.
 pub fn failure_properties(
     original: &BasicProperties,
     queue: &str,
@@ -130,7 +132,46 @@ pub fn failure_properties(
         AMQPValue::LongString(LongString::from(reason)),
     );
     headers.insert("x-first-failure".into(), AMQPValue::LongLongInt(first));
-    original.clone().with_headers(headers)
+    // A per-message TTL would let the copy expire (and vanish) in the .dlq
+    // or leave a delay queue early: it moves to a header, as RabbitMQ's own
+    // dead-lettering does (`original-expiration` in x-death).
+    match original.expiration() {
+        None => original.clone().with_headers(headers),
+        Some(exp) => {
+            headers.insert(
+                "x-original-expiration".into(),
+                AMQPValue::LongString(LongString::from(exp.as_str())),
+            );
+            without_expiration(original).with_headers(headers)
+        }
+    }
+}
+
+/// A copy of `p` with every property but `expiration` (the builder has no
+/// way to unset one).
+fn without_expiration(p: &BasicProperties) -> BasicProperties {
+    let mut out = BasicProperties::default();
+    macro_rules! copy {
+        ($($get:ident => $set:ident),*) => {
+            $(if let Some(v) = p.$get().clone() { out = out.$set(v); })*
+        };
+    }
+    copy!(
+        content_type => with_content_type,
+        content_encoding => with_content_encoding,
+        headers => with_headers,
+        delivery_mode => with_delivery_mode,
+        priority => with_priority,
+        correlation_id => with_correlation_id,
+        reply_to => with_reply_to,
+        message_id => with_message_id,
+        timestamp => with_timestamp,
+        kind => with_type,
+        user_id => with_user_id,
+        app_id => with_app_id,
+        cluster_id => with_cluster_id
+    );
+    out
 }
 
 /// Properties of an internal message: persistent, with a content type.
@@ -184,6 +225,20 @@ mod tests {
         assert_eq!(
             h.get("x-original-queue"),
             Some(&AMQPValue::LongString("create_messages".into()))
+        );
+        let expiring = BasicProperties::default()
+            .with_expiration("4000".into())
+            .with_delivery_mode(2)
+            .with_priority(3)
+            .with_app_id("api".into());
+        let p = failure_properties(&expiring, "q", "bad", 0, 7);
+        assert_eq!(*p.expiration(), None, "a dead letter must not expire");
+        assert_eq!((*p.delivery_mode(), *p.priority()), (Some(2), Some(3)));
+        assert_eq!(p.app_id().as_ref().map(|s| s.as_str()), Some("api"));
+        let h = p.headers().as_ref().unwrap().inner();
+        assert_eq!(
+            h.get("x-original-expiration"),
+            Some(&AMQPValue::LongString("4000".into()))
         );
         let fresh = failure_properties(&BasicProperties::default(), "q", "bad", 0, 7);
         assert_eq!(retry_count(&fresh), 0);

@@ -15,7 +15,7 @@
 //! - **`chat-writer reindex`**, for an index lost while no writer ran: the
 //!   same pass, sent straight to `_bulk`, with a progress line per chunk.
 
-use super::encoder::push_document;
+use super::encoder::{encode_bodies, split_documents};
 use super::indexer::bulk_until_settled;
 use super::watch::IndexWatch;
 use super::Client;
@@ -23,7 +23,7 @@ use crate::amqp::consumer::BatchConsumer;
 use crate::amqp::republish::{persistent, Outgoing, Republisher};
 use crate::amqp::INDEX_QUEUE;
 use crate::backoff::Backoff;
-use crate::mysql::{MessageRow, Store};
+use crate::mysql::Store;
 use crate::shutdown::Shutdown;
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
@@ -42,31 +42,21 @@ pub struct Cursor {
     pub done: u64,
 }
 
-fn encode(rows: &[MessageRow]) -> (Vec<u8>, Vec<std::ops::Range<usize>>) {
-    let mut body = Vec::with_capacity(rows.iter().map(|r| r.body.len() + 200).sum());
-    let mut ranges = Vec::with_capacity(rows.len());
-    for r in rows {
-        let start = body.len();
-        push_document(&mut body, r);
-        ranges.push(start..body.len());
-    }
-    (body, ranges)
-}
-
+/// Publishes `bodies` to the index queue and then the cursor, all confirmed.
 async fn publish_cursor(
     republisher: &Republisher,
     cursor: Cursor,
-    index_docs: Option<&[u8]>,
+    bodies: &[Vec<u8>],
 ) -> Result<(), String> {
     let data = serde_json::to_vec(&cursor).map_err(|e| e.to_string())?;
-    let mut out = Vec::with_capacity(2);
-    if let Some(docs) = index_docs {
-        out.push(Outgoing {
+    let mut out: Vec<Outgoing<'_>> = bodies
+        .iter()
+        .map(|docs| Outgoing {
             queue: INDEX_QUEUE.to_string(),
             data: docs,
             properties: persistent("application/x-ndjson"),
-        });
-    }
+        })
+        .collect();
     out.push(Outgoing {
         queue: BACKFILL_QUEUE.to_string(),
         data: &data,
@@ -81,7 +71,7 @@ async fn publish_cursor(
 /// check after reconnecting sees the index as new again only if it is).
 pub async fn request(republisher: &Republisher) -> Result<(), String> {
     log::warn!("backfill: requested; queuing every message for indexing");
-    publish_cursor(republisher, Cursor::default(), None).await
+    publish_cursor(republisher, Cursor::default(), &[]).await
 }
 
 /// The backfill task: runs until shutdown (`Ok`) or an AMQP failure.
@@ -129,8 +119,7 @@ pub async fn run(
                 after_id: last.id,
                 done: cursor.done + rows.len() as u64,
             };
-            let (docs, _) = encode(&rows);
-            publish_cursor(&republisher, next, Some(&docs)).await?;
+            publish_cursor(&republisher, next, &encode_bodies(&rows)).await?;
             if next.done % (CHUNK as u64 * 20) == 0 {
                 log::info!("backfill: {} documents queued for indexing", next.done);
             }
@@ -171,8 +160,11 @@ pub async fn reindex(store: &Store, client: &Client) -> Result<u64, String> {
             .map_err(|e| format!("mysql: {e}"))?;
         let Some(last) = rows.last() else { break };
         after = last.id;
-        let (buf, ranges) = encode(&rows);
-        let docs: Vec<&[u8]> = ranges.into_iter().map(|r| &buf[r]).collect();
+        let bodies = encode_bodies(&rows);
+        let docs: Vec<&[u8]> = bodies
+            .iter()
+            .flat_map(|b| split_documents(b).into_iter().map(move |r| &b[r]))
+            .collect();
         let settled = bulk_until_settled(client, &mut watch, &docs, &mut body, &shutdown)
             .await
             .ok_or("interrupted")?;

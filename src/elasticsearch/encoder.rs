@@ -62,6 +62,30 @@ pub fn push_document(out: &mut Vec<u8>, row: &MessageRow) {
     out.push(b'\n');
 }
 
+/// Largest index message (and backfill chunk) body, in bytes: a batch's
+/// documents are cut into several messages above it, so no broker
+/// `max_message_size` (16 MiB by default in RabbitMQ 4) is ever reached.
+pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
+
+/// Encodes `rows` into bulk bodies of at most [`MAX_MESSAGE_BYTES`] each
+/// (one document larger than that gets a body of its own).
+pub fn encode_bodies(rows: &[MessageRow]) -> Vec<Vec<u8>> {
+    let mut bodies = Vec::new();
+    let mut body: Vec<u8> = Vec::new();
+    for r in rows {
+        let start = body.len();
+        push_document(&mut body, r);
+        if start > 0 && body.len() > MAX_MESSAGE_BYTES {
+            let tail = body.split_off(start);
+            bodies.push(std::mem::replace(&mut body, tail));
+        }
+    }
+    if !body.is_empty() {
+        bodies.push(body);
+    }
+    bodies
+}
+
 /// Splits an NDJSON bulk body into its documents: byte ranges covering the
 /// action line and the source line of each, in order. A trailing partial
 /// document (odd line count) is returned as its own range so it is not lost.
@@ -111,5 +135,31 @@ mod tests {
         let docs = split_documents(&out);
         assert_eq!(docs, vec![0..first.len(), first.len()..2 * first.len()]);
         assert_eq!(split_documents(b"a\nb\nc"), vec![0..4, 4..5]);
+    }
+
+    #[test]
+    fn bodies_stay_under_the_message_limit() {
+        let big = MessageRow {
+            id: 1,
+            chat_id: 1,
+            number: 1,
+            token: "t".into(),
+            chat_number: 1,
+            body: "x".repeat(60_000),
+            created_at: 0,
+            updated_at: 0,
+        };
+        let rows = vec![big; 200];
+        let bodies = encode_bodies(&rows);
+        assert!(bodies.len() >= 3, "{}", bodies.len());
+        assert!(bodies.iter().all(|b| b.len() <= MAX_MESSAGE_BYTES));
+        assert_eq!(
+            bodies
+                .iter()
+                .map(|b| split_documents(b).len())
+                .sum::<usize>(),
+            200
+        );
+        assert!(encode_bodies(&[]).is_empty());
     }
 }

@@ -25,6 +25,8 @@ use std::time::Duration;
 
 /// Index messages taken per `_bulk` (each holds up to one batch of documents).
 pub const PREFETCH: u16 = 16;
+/// Largest `_bulk` request body, in bytes (halved after a 413).
+pub const MAX_BULK_BYTES: usize = 8 << 20;
 /// Identity check before a bulk, at most this often.
 const CHECK_BEFORE_BULK: Duration = Duration::from_secs(1);
 /// Identity check while idle.
@@ -39,9 +41,10 @@ pub struct Settled {
     pub backfill: bool,
 }
 
-/// Sends `docs` (each the two NDJSON lines of one document) with `_bulk`
-/// until every one is indexed or refused for good, retrying transient
-/// failures with backoff and repairing a missing index through `watch`.
+/// Sends `docs` (each the two NDJSON lines of one document) with `_bulk`,
+/// in requests of at most [`MAX_BULK_BYTES`], until every one is indexed or
+/// refused for good, retrying transient failures with backoff (the failed
+/// items alone) and repairing a missing index through `watch`.
 ///
 /// Returns `None` if shutdown came while waiting to retry (nothing settled).
 pub async fn bulk_until_settled(
@@ -53,28 +56,56 @@ pub async fn bulk_until_settled(
 ) -> Option<Settled> {
     let mut settled = Settled::default();
     let mut pending: Vec<usize> = (0..docs.len()).collect();
+    let mut limit = MAX_BULK_BYTES;
     let mut backoff = Backoff::default();
     while !pending.is_empty() {
-        body.clear();
+        // The next request: a prefix of what is pending, within the limit.
+        let (mut take, mut bytes) = (0, 0);
         for i in &pending {
+            if take > 0 && bytes + docs[*i].len() > limit {
+                break;
+            }
+            bytes += docs[*i].len();
+            take += 1;
+        }
+        let sent: Vec<usize> = pending.drain(..take).collect();
+        body.clear();
+        for i in &sent {
             body.extend_from_slice(docs[*i]);
         }
-        let (buf, verdict) = client.bulk(std::mem::take(body), pending.len()).await;
+        let (buf, verdict) = client.bulk(std::mem::take(body), sent.len()).await;
         *body = buf;
+        let mut again = Vec::new();
         let mut index_missing = false;
         let mut transient = None;
         match verdict {
-            BulkVerdict::AllDone => pending.clear(),
-            BulkVerdict::RetryAll(reason) => transient = Some(reason),
-            BulkVerdict::IndexMissing => index_missing = true,
+            BulkVerdict::AllDone => {}
+            BulkVerdict::RetryAll(reason) => {
+                transient = Some(reason);
+                again = sent;
+            }
+            BulkVerdict::IndexMissing => {
+                index_missing = true;
+                again = sent;
+            }
+            BulkVerdict::TooLarge if sent.len() == 1 => {
+                settled.rejected.push((
+                    sent[0],
+                    "413: document over the server's request size limit".into(),
+                ));
+            }
+            BulkVerdict::TooLarge => {
+                limit = (bytes / 2).max(1);
+                log::warn!("elasticsearch: 413 for a {bytes}-byte bulk; sending at most {limit} bytes per request");
+                again = sent;
+            }
             BulkVerdict::RejectAll(reason) => {
                 settled
                     .rejected
-                    .extend(pending.drain(..).map(|i| (i, reason.clone())));
+                    .extend(sent.into_iter().map(|i| (i, reason.clone())));
             }
             BulkVerdict::Items(verdicts) => {
-                let mut again = Vec::new();
-                for (i, v) in pending.drain(..).zip(verdicts) {
+                for (i, v) in sent.into_iter().zip(verdicts) {
                     match v {
                         ItemVerdict::Done => {}
                         ItemVerdict::Retry(reason) => {
@@ -88,16 +119,18 @@ pub async fn bulk_until_settled(
                         ItemVerdict::Reject(reason) => settled.rejected.push((i, reason)),
                     }
                 }
-                pending = again;
             }
         }
+        // What failed goes first next time.
+        again.append(&mut pending);
+        pending = again;
         if index_missing {
             match watch.check(client).await {
                 Ok(backfill) => settled.backfill |= backfill,
                 Err(e) => transient = Some(e),
             }
         }
-        if let (Some(reason), false) = (transient, pending.is_empty()) {
+        if let Some(reason) = transient {
             log::warn!(
                 "elasticsearch: {} of {} documents not indexed yet, retry={}: {reason}",
                 pending.len(),

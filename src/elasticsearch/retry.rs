@@ -37,6 +37,9 @@ pub enum BulkVerdict {
     IndexMissing,
     /// The request was refused as a whole (400): dead-letter every item.
     RejectAll(String),
+    /// 413: the request is over the server's size limit; send it in
+    /// smaller pieces (a single document that is still too large is refused).
+    TooLarge,
 }
 
 #[derive(Deserialize)]
@@ -89,14 +92,15 @@ pub fn classify(status: u16, body: &[u8], expected: usize) -> BulkVerdict {
                 BulkVerdict::RetryAll(format!("404 {kind}: {reason}"))
             };
         }
+        413 => return BulkVerdict::TooLarge,
         400 => {
             let (kind, reason) = top_error();
             return BulkVerdict::RejectAll(
                 format!("400 {kind}: {reason}").replace(['\n', '\r'], " "),
             );
         }
-        // 401/403 are configuration problems an operator fixes; 413, 429 and
-        // 5xx pass. None of them is the documents' fault: retry.
+        // 401/403 are configuration problems an operator fixes; 429 and 5xx
+        // pass. None of them is the documents' fault: retry.
         _ => {
             let (kind, reason) = top_error();
             return BulkVerdict::RetryAll(format!("HTTP {status} {kind}: {reason}"));

@@ -43,9 +43,25 @@ pub enum Fault {
 }
 
 /// Classifies a mysql_async error. Only a short list of server error codes
-/// (data and constraint errors) are the message's fault; everything else is
+/// (data and constraint errors) and an over-large statement count as the
+/// messages' fault (the batch is bisected); everything else is
 /// infrastructure, so an outage or a missing schema never dead-letters.
 pub fn classify(e: &mysql_async::Error) -> Fault {
+    // A statement over max_allowed_packet (client- or server-side, 1153):
+    // splitting the batch makes it fit, so it takes the bisection path.
+    let text = e.to_string();
+    if text.contains("max_allowed_packet")
+        || matches!(
+            e,
+            mysql_async::Error::Driver(mysql_async::DriverError::PacketTooLarge)
+        )
+        || matches!(e, mysql_async::Error::Server(s) if s.code == 1153)
+    {
+        return Fault::Message(format!(
+            "statement too large for max_allowed_packet: {}",
+            one_line(&text)
+        ));
+    }
     if let mysql_async::Error::Server(s) = e {
         // 1048 column null, 1264 out of range, 1292 bad datetime, 1366 bad
         // string value, 1406 data too long, 1452 foreign key, 4025 CHECK.

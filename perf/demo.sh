@@ -8,8 +8,8 @@
 #      Elasticsearch-compatible server (osmem-server, installed with pip if
 #      needed) if nothing answers on ELASTICSEARCH_URL;
 #   3. resets the demo state: database chat_writer_demo dropped (migrate
-#      recreates it), index chat_writer_demo deleted, the work queues of vhost
-#      "/" (and their retry queues) purged; Redis is not flushed, the demo's
+#      recreates it), index chat_writer_demo deleted, RabbitMQ vhost
+#      chat_writer_demo deleted and created again; Redis is not flushed, the demo's
 #      tokens are random;
 #   4. runs `chat-writer migrate`, starts chat-writer in the background
 #      (COUNT_SYNC_INTERVAL=1s), runs the demo publisher/verifier (target
@@ -35,7 +35,7 @@ ES_URL="${ELASTICSEARCH_URL:-http://127.0.0.1:9200}"
 ES_URL="${ES_URL%/}"
 DEMO_DB=chat_writer_demo
 DEMO_INDEX=chat_writer_demo
-QUEUES=(create_chats create_messages update_messages)
+DEMO_VHOST=chat_writer_demo
 
 say() { printf '\n==> %s\n' "$*"; }
 die() { printf 'demo.sh: %s\n' "$*" >&2; exit 1; }
@@ -91,35 +91,22 @@ if es_up; then echo "Elasticsearch: up at $ES_URL"; else
 fi
 
 # ------------------------------------------------------------ clean demo state
-say "resetting database $DEMO_DB, index $DEMO_INDEX and the work queues"
+say "resetting database $DEMO_DB, index $DEMO_INDEX and vhost $DEMO_VHOST"
 mysql -uroot -h127.0.0.1 -e "DROP DATABASE IF EXISTS \`$DEMO_DB\`"
 curl -fsS -o /dev/null -X DELETE "$ES_URL/$DEMO_INDEX" 2>/dev/null || true
-existing=$(rabbitmqctl -q -p / list_queues name --no-table-headers 2>/dev/null || true)
-# The work queues, plus what an earlier run may have left that belongs to the
-# dropped database: their delay queues (<queue>.retry.<delay>) and the
-# writer's internal index queue (chat_writer.index, pending _bulk documents).
-# Dead-letter queues are kept; the dead letters this run adds are counted.
-purged=()
-while read -r name; do
-  for q in "${QUEUES[@]}" chat_writer.index; do
-    if [[ "$name" == "$q" || "$name" == "$q".retry.* ]]; then
-      # </dev/null: rabbitmqctl would otherwise eat the rest of the list.
-      rabbitmqctl -q -p / purge_queue "$name" </dev/null >/dev/null
-      purged+=("$name")
-    fi
-  done
-done <<<"$existing"
-echo "purged ${#purged[@]} queues in vhost /${purged[*]:+: ${purged[*]}}"
+# A vhost of its own: the demo never touches queues of other vhosts.
+rabbitmqctl -q delete_vhost "$DEMO_VHOST" </dev/null >/dev/null 2>&1 || true
+rabbitmqctl -q add_vhost "$DEMO_VHOST" </dev/null >/dev/null
+rabbitmqctl -q set_permissions -p "$DEMO_VHOST" guest ".*" ".*" ".*" </dev/null >/dev/null
 dlq_depth() { # total messages in the writer's .dlq queues
-  rabbitmqctl -q -p / list_queues name messages --no-table-headers 2>/dev/null |
-    awk '$1 ~ /^(create_chats|create_messages|update_messages|chat_writer\.index)\.dlq$/ { n += $2 } END { print n + 0 }'
+  rabbitmqctl -q -p "$DEMO_VHOST" list_queues name messages --no-table-headers </dev/null 2>/dev/null |
+    awk '$1 ~ /\.dlq$/ { n += $2 } END { print n + 0 }'
 }
-DLQ_BEFORE=$(dlq_depth)
 
 export DATABASE_HOST=127.0.0.1 DATABASE_PORT=3306 DATABASE_USERNAME=root DATABASE_PASSWORD=
 export DATABASE_NAME="$DEMO_DB"
 export REDIS_URL=redis://127.0.0.1:6379/0
-export RABBITMQ_URL='amqp://guest:guest@127.0.0.1:5672/%2f'
+export RABBITMQ_URL="amqp://guest:guest@127.0.0.1:5672/$DEMO_VHOST"
 export ELASTICSEARCH_URL="$ES_URL" ELASTICSEARCH_INDEX="$DEMO_INDEX"
 export COUNT_SYNC_INTERVAL=1s
 export RUST_LOG="${RUST_LOG:-info}"
@@ -139,7 +126,8 @@ kill -0 "$WRITER_PID" 2>/dev/null || {
 
 # ------------------------------------------------------------ demo
 say "running the demo publisher: $DEMO $*"
-"$DEMO" "$@" > >(tee "$LOG_DIR/demo.log") 2>&1 &
+# Live progress on the terminal; the summary is printed once, at the end.
+"$DEMO" "$@" > >(tee "$LOG_DIR/demo.log" | sed -u '/== chat-writer demo summary/,$d') 2>&1 &
 DEMO_PID=$!
 finished=""
 wait -n -p finished "$DEMO_PID" "$WRITER_PID" && rc=0 || rc=$?
@@ -171,7 +159,7 @@ DLQ_AFTER=$(dlq_depth)
 # ------------------------------------------------------------ verdict
 say "summary"
 sed -n '/== chat-writer demo summary/,$p' "$LOG_DIR/demo.log"
-echo "  dead letters added during the run:      $((DLQ_AFTER - DLQ_BEFORE))"
+echo "  dead letters:                            $DLQ_AFTER"
 echo "  chat-writer exit code after SIGTERM:    $WRITER_RC"
 echo "  logs: $LOG_DIR/writer.log, $LOG_DIR/demo.log"
 if [[ "$DEMO_RC" == 0 && "$WRITER_RC" == 0 ]]; then

@@ -36,7 +36,8 @@
 //! because a queue may already exist with other arguments.
 //!
 //! Its tokens are random, so it shares Redis DB, database and index with
-//! anything else without clashing, and it never deletes anything.
+//! anything else without clashing. At the end it deletes its own Redis
+//! counters and change markers (and nothing else).
 //!
 //! # Environment (same variables and defaults as the writer)
 //!
@@ -1129,7 +1130,28 @@ async fn run_with_pool(cfg: Config, pool: &Pool, rng: &mut Rng) -> Res<bool> {
         elapsed.as_secs_f64()
     );
     print_summary(&demo, &exp, &o, elapsed, ok);
+    remove_redis_keys(&demo, &mut cl).await;
     Ok(ok)
+}
+
+/// Deletes the demo's counters and change markers once everything is
+/// verified, so repeated runs leave nothing behind in a shared Redis DB.
+async fn remove_redis_keys(demo: &Demo, cl: &mut Clients) {
+    let mut pipe = redis::pipe();
+    for app in &demo.apps {
+        pipe.del(format!("chat_counter:{}", app.token))
+            .srem("chat_changes", &app.token)
+            .ignore();
+    }
+    for chat in &demo.chats {
+        let member = format!("{}:{}", demo.apps[chat.app].token, chat.number);
+        pipe.del(format!("message_counter:{member}"))
+            .srem("message_changes", &member)
+            .ignore();
+    }
+    if let Err(e) = pipe.query_async::<()>(&mut cl.redis).await {
+        eprintln!("demo: could not remove its Redis keys: {e}");
+    }
 }
 
 fn print_summary(demo: &Demo, exp: &Expected, o: &Observed, elapsed: Duration, ok: bool) {

@@ -87,7 +87,11 @@ struct Fields {
     creator_id: Option<Option<i64>>,
 }
 
-struct FieldsVisitor;
+/// Reads the fields `known` to one queue; every other value is skipped,
+/// whatever its type (CONTRACT section 3: unknown fields are ignored).
+struct FieldsVisitor {
+    known: &'static [&'static str],
+}
 
 fn field<'de, A: MapAccess<'de>, T: de::Deserialize<'de>>(
     map: &mut A,
@@ -116,14 +120,19 @@ impl<'de> Visitor<'de> for FieldsVisitor {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields, A::Error> {
         let mut f = Fields::default();
         while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-            match key.as_ref() {
-                "application_id" => field(&mut map, &mut f.application_id, "application_id")?,
-                "chat_id" => field(&mut map, &mut f.chat_id, "chat_id")?,
-                "token" => field(&mut map, &mut f.token, "token")?,
-                "number" => field(&mut map, &mut f.number, "number")?,
-                "chat_number" => field(&mut map, &mut f.chat_number, "chat_number")?,
-                "body" => field(&mut map, &mut f.body, "body")?,
-                "creator_id" => field(&mut map, &mut f.creator_id, "creator_id")?,
+            let key = key.as_ref();
+            if !self.known.contains(&key) {
+                map.next_value::<IgnoredAny>()?;
+                continue;
+            }
+            match key {
+                "application_id" => field(&mut map, &mut f.application_id, key)?,
+                "chat_id" => field(&mut map, &mut f.chat_id, key)?,
+                "token" => field(&mut map, &mut f.token, key)?,
+                "number" => field(&mut map, &mut f.number, key)?,
+                "chat_number" => field(&mut map, &mut f.chat_number, key)?,
+                "body" => field(&mut map, &mut f.body, key)?,
+                "creator_id" => field(&mut map, &mut f.creator_id, key)?,
                 _ => {
                     map.next_value::<IgnoredAny>()?;
                 }
@@ -133,13 +142,20 @@ impl<'de> Visitor<'de> for FieldsVisitor {
     }
 }
 
-impl<'de> de::Deserialize<'de> for Fields {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Fields, D::Error> {
-        d.deserialize_map(FieldsVisitor)
+/// Deserializes [`Fields`] knowing only the given field names.
+struct FieldsSeed {
+    known: &'static [&'static str],
+}
+
+impl<'de> de::DeserializeSeed<'de> for FieldsSeed {
+    type Value = Fields;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Fields, D::Error> {
+        d.deserialize_map(FieldsVisitor { known: self.known })
     }
 }
 
-fn parse(data: &[u8]) -> Result<Fields, Malformed> {
+fn parse(data: &[u8], known: &'static [&'static str]) -> Result<Fields, Malformed> {
     if data.len() > MAX_PAYLOAD_BYTES {
         return Err(Malformed(format!(
             "payload is {} bytes, over the 1 MiB limit",
@@ -158,8 +174,45 @@ fn parse(data: &[u8]) -> Result<Fields, Malformed> {
     if !text.trim_start().starts_with('{') {
         return Err(Malformed("payload is not a JSON object".into()));
     }
-    serde_json::from_str::<Fields>(text)
+    if let Some(at) = lone_surrogate(text.as_bytes()) {
+        return Err(Malformed(format!("lone surrogate escape at byte {at}")));
+    }
+    let mut de = serde_json::Deserializer::from_str(text);
+    de::DeserializeSeed::deserialize(FieldsSeed { known }, &mut de)
+        .and_then(|f| de.end().map(|()| f))
         .map_err(|e| Malformed(format!("invalid JSON payload: {e}").replace(['\n', '\r'], " ")))
+}
+
+/// The offset of the first `\uD800`..`\uDFFF` escape that is not half of
+/// a high+low pair, anywhere in the payload: serde_json checks this only in
+/// the strings it decodes, not in the unknown members it skips, and the
+/// contract makes a lone surrogate malformed wherever it is. Backslashes
+/// only occur inside JSON strings, so each escape is read from the start.
+fn lone_surrogate(b: &[u8]) -> Option<usize> {
+    let unit = |at: usize| -> Option<u16> {
+        let hex = b.get(at + 2..at + 6)?;
+        if b.get(at..at + 2)? != b"\\u" {
+            return None;
+        }
+        u16::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()
+    };
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] != b'\\' {
+            i += 1;
+            continue;
+        }
+        match unit(i) {
+            Some(0xD800..=0xDBFF) => match unit(i + 6) {
+                Some(0xDC00..=0xDFFF) => i += 12,
+                _ => return Some(i),
+            },
+            Some(0xDC00..=0xDFFF) => return Some(i),
+            Some(_) => i += 6,
+            None => i += 2, // another escape (\\, \", \n, …): skip both bytes
+        }
+    }
+    None
 }
 
 fn required<T>(v: Option<T>, name: &str) -> Result<T, Malformed> {
@@ -220,7 +273,7 @@ impl CreateChat {
     ///
     /// Errors: [`Malformed`] naming the field or the structural fault.
     pub fn decode(data: &[u8]) -> Result<CreateChat, Malformed> {
-        let f = parse(data)?;
+        let f = parse(data, &["application_id", "token", "number", "creator_id"])?;
         Ok(CreateChat {
             application_id: id(f.application_id, "application_id")?,
             token: token(f.token)?,
@@ -235,7 +288,17 @@ impl CreateMessage {
     ///
     /// Errors: [`Malformed`] naming the field or the structural fault.
     pub fn decode(data: &[u8]) -> Result<CreateMessage, Malformed> {
-        let f = parse(data)?;
+        let f = parse(
+            data,
+            &[
+                "chat_id",
+                "token",
+                "chat_number",
+                "number",
+                "body",
+                "creator_id",
+            ],
+        )?;
         Ok(CreateMessage {
             chat_id: id(f.chat_id, "chat_id")?,
             token: token(f.token)?,
@@ -252,7 +315,7 @@ impl UpdateMessage {
     ///
     /// Errors: [`Malformed`] naming the field or the structural fault.
     pub fn decode(data: &[u8]) -> Result<UpdateMessage, Malformed> {
-        let f = parse(data)?;
+        let f = parse(data, &["chat_id", "token", "chat_number", "number", "body"])?;
         Ok(UpdateMessage {
             chat_id: id(f.chat_id, "chat_id")?,
             token: token(f.token)?,
@@ -363,7 +426,7 @@ mod tests {
             ),
             (
                 r#"{"chat_id":1,"token":"a","chat_number":1,"number":1,"body":"\ud800"}"#,
-                "`body`",
+                "lone surrogate escape at byte 60",
             ),
             (
                 r#"{"chat_id":1,"token":"a","chat_number":1,"number":1,"body":"x"} x"#,
@@ -404,6 +467,25 @@ mod tests {
             "a".repeat(MAX_BODY_BYTES + 1)
         );
         assert!(msg(&over).unwrap_err().contains("65535"));
+        let e = msg(
+            r#"{"chat_id":1,"token":"a","chat_number":1,"number":1,"body":"x","x":{"k\ud800":1}}"#,
+        )
+        .unwrap_err();
+        assert!(e.contains("lone surrogate escape at byte 70"), "{e}");
+        // Escaped backslashes are not escapes; pairs are fine; numbers and
+        // nesting inside unknown members are not checked.
+        let ok = r#"{"chat_id":1,"token":"a","chat_number":1,"number":1,"body":"\\ud800 \ud83d\ude00","x":[[[1e400]]]}"#;
+        assert_eq!(msg(ok).unwrap().body, "\\ud800 😀");
+        let low = r#"{"chat_id":1,"token":"a","chat_number":1,"number":1,"body":"\udc00x"}"#;
+        assert!(msg(low).unwrap_err().contains("lone surrogate"));
+        // Fields of other queues are unknown here, whatever their type.
+        assert!(
+            chat(r#"{"application_id":7,"token":"t","number":1,"chat_id":null,"body":669}"#)
+                .is_ok()
+        );
+        let u =
+            br#"{"chat_id":1,"token":"a","chat_number":1,"number":1,"body":"x","creator_id":1.0}"#;
+        assert!(UpdateMessage::decode(u).is_ok());
         let e = chat(r#"{"application_id":"7","token":"app_x","number":1}"#).unwrap_err();
         assert!(e.contains("`application_id`"), "{e}");
         let e = chat(&format!(

@@ -21,5 +21,7 @@ echo "== cargo clippy"
 cargo clippy --locked --workspace --all-targets -- -D warnings
 echo "== unit tests"
 cargo test --locked --lib --bins
+echo "== decoder property test (no services)"
+cargo test --locked --test decoder_props -- --nocapture
 echo "== integration tests"
 cargo test --locked --test integration -- --test-threads 2

@@ -116,6 +116,10 @@ pub fn opts(cfg: &Config, db: Option<&str>) -> Opts {
         .user(Some(cfg.database_username.clone()))
         .pass(Some(cfg.database_password.clone()))
         .db_name(db.map(str::to_string))
+        // Connect where DATABASE_HOST:DATABASE_PORT say; by default the
+        // driver would switch a loopback connection to the server's Unix
+        // socket, bypassing the configured port (and any proxy on it).
+        .prefer_socket(false)
         .init(connection_init())
         .pool_opts(pool_opts)
         .into()

@@ -9,6 +9,10 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
+/// The AMQP connection name of the harness's own connections, so fault
+/// injection can spare them (see `faults::close_writer_connections`).
+pub const HARNESS_CONNECTION_NAME: &str = "cwt-harness";
+
 pub struct Amqp {
     pub conn: Connection,
     /// Publishing channel, publisher confirms on.
@@ -55,7 +59,9 @@ impl Got {
 
 impl Amqp {
     pub async fn connect(url: &str, vhost: &str) -> Amqp {
-        let conn = Connection::connect(url, ConnectionProperties::default())
+        let props =
+            ConnectionProperties::default().with_connection_name(HARNESS_CONNECTION_NAME.into());
+        let conn = Connection::connect(url, props)
             .await
             .unwrap_or_else(|e| panic!("connect {url}: {e}"));
         let ch = conn.create_channel().await.expect("create channel");
@@ -146,6 +152,26 @@ impl Amqp {
             )
             .await
             .unwrap_or_else(|e| panic!("publish to {queue}: {e}"))
+    }
+
+    /// Publishes with the given properties (headers, timestamp, ...) and
+    /// waits for the confirm.
+    pub async fn publish_props(&self, queue: &str, payload: &[u8], props: BasicProperties) {
+        self.ch
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                payload,
+                props,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("publish to {queue}: {e}"))
+            .await
+            .unwrap_or_else(|e| panic!("confirm of publish to {queue}: {e}"));
     }
 
     /// Publishes a JSON value.

@@ -9,7 +9,17 @@ use serde_json::Value;
 /// Starts one osmem-server for this test process (it exits with the
 /// process: `-parent-pid`) and returns its base URL.
 pub fn start_osmem_server() -> String {
-    let bin = match std::env::var("OSMEM_SERVER_BIN") {
+    let bin = osmem_bin();
+    let log = std::fs::File::create(
+        super::artefact_dir().join(format!("osmem-server-{}.log", std::process::id())),
+    )
+    .expect("create osmem log");
+    start_with(&bin, log)
+}
+
+/// The osmem-server binary: `OSMEM_SERVER_BIN`, else the pip package's.
+pub fn osmem_bin() -> String {
+    match std::env::var("OSMEM_SERVER_BIN") {
         Ok(b) if !b.is_empty() => b,
         _ => {
             let out = Command::new("python3")
@@ -26,12 +36,11 @@ pub fn start_osmem_server() -> String {
             );
             String::from_utf8_lossy(&out.stdout).trim().to_string()
         }
-    };
-    let log = std::fs::File::create(
-        super::artefact_dir().join(format!("osmem-server-{}.log", std::process::id())),
-    )
-    .expect("create osmem log");
-    let mut child = Command::new(&bin)
+    }
+}
+
+fn start_with(bin: &str, log: std::fs::File) -> String {
+    let mut child = Command::new(bin)
         .args([
             "-addr",
             "127.0.0.1:0",

@@ -18,6 +18,14 @@ impl Kv {
         }
     }
 
+    /// A Redis the test owns (e.g. a private `redis-server`), any DB.
+    pub fn with_url(url: &str) -> Kv {
+        Kv {
+            client: Client::open(url).expect("redis url"),
+            db: 0,
+        }
+    }
+
     pub async fn con(&self) -> MultiplexedConnection {
         self.client
             .get_multiplexed_async_connection()

@@ -15,7 +15,9 @@
 pub mod amqp;
 pub mod db;
 pub mod es;
+pub mod faults;
 pub mod kv;
+pub mod load;
 pub mod time;
 pub mod writer;
 

@@ -10,4 +10,8 @@ mod consumers;
 mod counts;
 mod es_index;
 mod harness;
+mod ops;
+mod outages;
+mod retries;
 mod shutdown;
+mod sigkill;

@@ -28,12 +28,24 @@ pub fn retry_queue(queue: &str, delay: std::time::Duration) -> String {
     format!("{queue}.retry.{}", crate::config::format_duration(delay))
 }
 
-/// Opens a connection named `chat-writer` (visible in the management UI).
+/// `frame_max` proposed to the broker unless RABBITMQ_URL sets one: lapin
+/// keeps a send and a receive buffer of 32 frames each, so the broker's
+/// default of 128 KiB would pin 8 MiB of memory per connection; 16 KiB
+/// frames keep that at 1 MiB. Larger messages simply span several frames.
+pub const DEFAULT_FRAME_MAX: u32 = 16 * 1024;
+
+/// Opens a connection named `chat-writer` (visible in the management UI),
+/// with `frame_max` [`DEFAULT_FRAME_MAX`] unless the URL sets it.
 ///
-/// Errors: lapin's (refused, auth, vhost missing); the caller backs off.
+/// Errors: lapin's (bad URL, refused, auth, vhost missing); the caller
+/// backs off.
 pub async fn connect(url: &str) -> lapin::Result<Connection> {
+    let mut uri: lapin::uri::AMQPUri = url
+        .parse()
+        .map_err(|e: String| lapin::Error::from(std::io::Error::other(e)))?;
+    uri.query.frame_max.get_or_insert(DEFAULT_FRAME_MAX);
     let props = ConnectionProperties::default().with_connection_name("chat-writer".into());
-    Connection::connect(url, props).await
+    Connection::connect_uri(uri, props).await
 }
 
 /// True when `e` is the broker's 404 NOT_FOUND (queue absent).

@@ -14,8 +14,9 @@
 //! 4. hand the change markers to the Redis flusher;
 //! 5. ack the batch with one `multiple` ack.
 //!
-//! If shutdown comes while step 2 is still retrying, the batch is left
-//! unacked and returns to the queue when the channel closes.
+//! Steps 3–5 of one batch overlap steps 1–2 of the next (see [`run`]). If
+//! shutdown comes while step 2 is still retrying, the batch is left unacked
+//! and returns to the queue when the channel closes.
 
 use crate::amqp::consumer::BatchConsumer;
 use crate::amqp::republish::{failure_properties, persistent, retry_count, Outgoing, Republisher};
@@ -28,6 +29,9 @@ use crate::redis_store::{MarkerSender, Markers};
 use crate::shutdown::Shutdown;
 use crate::time::{created_at, now_micros, Micros};
 use lapin::message::Delivery;
+use lapin::options::BasicAckOptions;
+use std::future::Future;
+use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 /// What every consumer shares.
@@ -46,52 +50,63 @@ pub struct Context {
     pub shutdown: Shutdown,
 }
 
-/// Why a consumer loop ended early.
-enum Stop {
-    /// Shutdown while the batch could not be completed; nothing acked.
-    Shutdown,
-    /// The broker side failed; the supervisor reconnects.
-    Amqp(String),
-}
-
 /// Consumes `consumer`'s queue batch by batch until shutdown (`Ok`) or an
 /// AMQP failure (`Err`, one line).
+///
+/// Two batches overlap: while batch N is being settled (its republished
+/// messages confirmed, then acked), batch N+1 is taken and written to
+/// MySQL. Writes stay in delivery order (one batch writes at a time) and
+/// acks stay in order (N+1 is settled only after N).
 pub async fn run(ctx: &Context, mut consumer: BatchConsumer) -> Result<(), String> {
     let queue = consumer.queue().to_string();
+    let queue = queue.as_str();
+    let mut settling: Option<Settling<'_>> = None;
     loop {
-        let Some(batch) = consumer.next_batch(&ctx.shutdown).await? else {
+        let next = async {
+            let taken: Result<_, String> = consumer.next_batch(&ctx.shutdown).await;
+            let Some(batch) = taken? else {
+                return Ok(None);
+            };
+            match write_batch(ctx, queue, &batch).await {
+                Ok(written) => Ok::<_, String>(Some((batch, written))),
+                Err(Interrupted) => {
+                    log::info!(
+                        "queue={queue}: shutdown during a retry; {} deliveries left unacked",
+                        batch.len()
+                    );
+                    Ok(None)
+                }
+            }
+        };
+        let (next, settled) = match settling.take() {
+            Some(previous) => smol::future::zip(next, previous).await,
+            None => (next.await, Ok(())),
+        };
+        settled?;
+        let Some((batch, written)) = next? else {
             return Ok(());
         };
-        let started = Instant::now();
-        match handle_batch(ctx, &queue, &batch).await {
-            Ok(summary) => {
-                consumer
-                    .ack_through(batch.last().expect("a batch is never empty"))
-                    .await?;
-                log::debug!(
-                    "batch queue={queue} size={} stored={} retried={} dead_lettered={} first_tag={} last_tag={} duration_ms={}",
-                    batch.len(),
-                    summary.stored,
-                    summary.retried,
-                    summary.dead_lettered,
-                    batch[0].delivery_tag,
-                    batch[batch.len() - 1].delivery_tag,
-                    started.elapsed().as_millis()
-                );
-            }
-            Err(Stop::Shutdown) => {
-                log::info!(
-                    "queue={queue}: shutdown during a retry; {} deliveries left unacked",
-                    batch.len()
-                );
-                return Ok(());
-            }
-            Err(Stop::Amqp(e)) => return Err(e),
-        }
+        let current = settle(ctx, queue, batch, written);
         if ctx.shutdown.is_triggered() {
-            return Ok(());
+            return current.await;
         }
+        settling = Some(Box::pin(current));
     }
+}
+
+/// The settle of the previous batch, still running.
+type Settling<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + 'a>>;
+
+/// Shutdown came while a batch could not be written; nothing acked.
+struct Interrupted;
+
+/// A batch written to MySQL, waiting to be settled.
+struct Written {
+    started: Instant,
+    now: Micros,
+    fates: Vec<Fate>,
+    rows: Vec<MessageRow>,
+    markers: Markers,
 }
 
 #[derive(Default)]
@@ -108,7 +123,12 @@ enum Fate {
     DeadLetter(String),
 }
 
-async fn handle_batch(ctx: &Context, queue: &str, batch: &[Delivery]) -> Result<Summary, Stop> {
+async fn write_batch(
+    ctx: &Context,
+    queue: &str,
+    batch: &[Delivery],
+) -> Result<Written, Interrupted> {
+    let started = Instant::now();
     let now = now_micros();
     let mut fates: Vec<Fate> = Vec::with_capacity(batch.len());
     let mut markers = Markers::default();
@@ -202,6 +222,33 @@ async fn handle_batch(ctx: &Context, queue: &str, batch: &[Delivery]) -> Result<
         }
     }
 
+    Ok(Written {
+        started,
+        now,
+        fates,
+        rows,
+        markers,
+    })
+}
+
+/// Publishes what the batch left to publish (dead letters, delayed
+/// retries, its documents) with confirms, hands its change markers to the
+/// Redis flusher, then acks the whole batch with one `multiple` ack.
+///
+/// Errors: a broker failure; nothing of the batch is acked then.
+async fn settle(
+    ctx: &Context,
+    queue: &str,
+    batch: Vec<Delivery>,
+    w: Written,
+) -> Result<(), String> {
+    let Written {
+        started,
+        now,
+        fates,
+        rows,
+        markers,
+    } = w;
     // Republish what is not stored, and the documents, with confirms.
     let now_secs = now / 1_000_000;
     let mut summary = Summary::default();
@@ -223,7 +270,7 @@ async fn handle_batch(ctx: &Context, queue: &str, batch: &[Delivery]) -> Result<
                 });
             }
             Fate::Missing(what) => {
-                let count = retry_count(&d.properties);
+                let count = retry_count(&d.properties).max(0);
                 let tier = usize::try_from(count)
                     .ok()
                     .and_then(|c| ctx.retry_delays.get(c));
@@ -267,16 +314,31 @@ async fn handle_batch(ctx: &Context, queue: &str, batch: &[Delivery]) -> Result<
         });
     }
     if !out.is_empty() {
-        ctx.republisher
-            .publish_all(&out)
-            .await
-            .map_err(Stop::Amqp)?;
+        ctx.republisher.publish_all(&out).await?;
     }
     if !markers.chats.is_empty() || !markers.messages.is_empty() {
         // Unbounded channel: only fails if the flusher is gone (shutdown).
         let _ = ctx.markers.try_send(markers);
     }
-    Ok(summary)
+    let (first, last) = match (batch.first(), batch.last()) {
+        (Some(f), Some(l)) => (f, l),
+        _ => return Ok(()),
+    };
+    last.acker
+        .ack(BasicAckOptions { multiple: true })
+        .await
+        .map_err(|e| format!("ack on {queue}: {e}"))?;
+    log::debug!(
+        "batch queue={queue} size={} stored={} retried={} dead_lettered={} first_tag={} last_tag={} duration_ms={}",
+        batch.len(),
+        summary.stored,
+        summary.retried,
+        summary.dead_lettered,
+        first.delivery_tag,
+        last.delivery_tag,
+        started.elapsed().as_millis()
+    );
+    Ok(())
 }
 
 fn at(d: &Delivery, now: Micros) -> Micros {
@@ -292,17 +354,34 @@ fn fate(o: Outcome, parent: &'static str) -> Fate {
     }
 }
 
+/// One MySQL attempt may take this long before it counts as failed (a
+/// server or network that stopped answering would otherwise hang the
+/// consumer without a word). Longer than InnoDB's default lock wait (50 s).
+const MYSQL_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Runs a MySQL write until it succeeds, backing off on infrastructure
-/// faults (the only errors the store returns). Stops on shutdown.
-async fn retry_in_place<T, F, Fut>(ctx: &Context, queue: &str, mut write: F) -> Result<T, Stop>
+/// faults (the only errors the store returns) and on attempts that take
+/// over [`MYSQL_ATTEMPT_TIMEOUT`]. Stops at once on shutdown, abandoning
+/// the attempt in flight: nothing of the batch is acked, so it is
+/// redelivered and written again idempotently.
+async fn retry_in_place<T, F, Fut>(
+    ctx: &Context,
+    queue: &str,
+    mut write: F,
+) -> Result<T, Interrupted>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, mysql_async::Error>>,
 {
     let mut backoff = Backoff::default();
     loop {
-        match write().await {
-            Ok(v) => {
+        let attempt = smol::future::or(async { Some(write().await) }, async {
+            async_io::Timer::after(MYSQL_ATTEMPT_TIMEOUT).await;
+            None
+        });
+        let error = match ctx.shutdown.race(attempt).await {
+            None => return Err(Interrupted),
+            Some(Some(Ok(v))) => {
                 if backoff.attempts() > 0 {
                     log::info!(
                         "mysql: queue={queue} write succeeded after {} retries",
@@ -311,16 +390,15 @@ where
                 }
                 return Ok(v);
             }
-            Err(e) => {
-                log::warn!(
-                    "mysql: queue={queue} error_class=infrastructure retry={} error={:?}",
-                    backoff.attempts() + 1,
-                    classify(&e)
-                );
-                if !backoff.wait(&ctx.shutdown).await {
-                    return Err(Stop::Shutdown);
-                }
-            }
+            Some(Some(Err(e))) => format!("{:?}", classify(&e)),
+            Some(None) => format!("no answer within {} s", MYSQL_ATTEMPT_TIMEOUT.as_secs()),
+        };
+        log::warn!(
+            "mysql: queue={queue} error_class=infrastructure retry={} error={error}",
+            backoff.attempts() + 1
+        );
+        if !backoff.wait(&ctx.shutdown).await {
+            return Err(Interrupted);
         }
     }
 }

@@ -247,7 +247,7 @@ async fn generation(
                 .await
                 .map_err(|e| format!("consume {INDEX_QUEUE}: {e}"))?;
             spawn(Box::pin(indexer::run(
-                client,
+                client.clone(),
                 consumer,
                 republisher.clone(),
                 shutdown.clone(),
@@ -257,6 +257,7 @@ async fn generation(
                 .map_err(|e| format!("consume {BACKFILL_QUEUE}: {e}"))?;
             spawn(Box::pin(backfill::run(
                 store.clone(),
+                client,
                 consumer,
                 republisher,
                 shutdown.clone(),

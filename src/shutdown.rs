@@ -56,6 +56,17 @@ impl Shutdown {
         let _ = self.rx.recv().await;
     }
 
+    /// Runs `f` until it completes (`Some`) or the signal is triggered
+    /// (`None`; `f` is dropped, so it must be safe to abandon — e.g. work
+    /// whose deliveries are not acked yet).
+    pub async fn race<T>(&self, f: impl std::future::Future<Output = T>) -> Option<T> {
+        smol::future::or(async { Some(f.await) }, async {
+            self.wait().await;
+            None
+        })
+        .await
+    }
+
     /// Sleeps for `d`, or less if the signal is triggered meanwhile.
     /// Returns `true` when the full sleep elapsed, `false` on shutdown.
     pub async fn sleep(&self, d: std::time::Duration) -> bool {

@@ -1,9 +1,10 @@
 //! A consumer that hands out batches.
 //!
 //! `next_batch` waits for one delivery, then takes every delivery already
-//! received (up to the prefetch) without waiting for more: under load a
-//! batch fills itself, when idle a batch of one goes out at once. There is
-//! no timer to fill batches. A batch is settled with one `multiple` ack of
+//! received, up to half the prefetch, without waiting for more: under load
+//! a batch fills itself, when idle a batch of one goes out at once. There is
+//! no timer to fill batches. Half, so that while one batch is being written
+//! and acked the broker can already deliver the next. A batch is settled with one `multiple` ack of
 //! its last delivery tag (the channel is this consumer's own, and batches
 //! are settled in order, so every earlier tag belongs to a settled batch).
 
@@ -67,7 +68,7 @@ impl BatchConsumer {
             queue: queue.to_string(),
             _channel: channel,
             consumer,
-            max: usize::from(prefetch),
+            max: usize::from(prefetch).div_ceil(2),
             failed: None,
         })
     }
@@ -77,7 +78,8 @@ impl BatchConsumer {
         &self.queue
     }
 
-    /// The next batch: at least one delivery, at most the prefetch.
+    /// The next batch: at least one delivery, at most half the prefetch
+    /// (rounded up).
     ///
     /// Returns `Ok(None)` when shutdown is triggered before a delivery
     /// arrives (nothing taken). Errors: the channel or connection failed or

@@ -3,14 +3,16 @@
 //! Two ways in, one unit of work (`messages_after`: 1,000 rows in id order,
 //! encoded as one bulk body):
 //!
-//! - **Backfill, in the service.** When the indexer finds the index missing
-//!   or replaced, it publishes a cursor `{"after_id":0,"done":0}` to the
+//! - **Backfill, in the service.** When the indexer finds the index missing,
+//!   replaced or not yet marked backfilled (`watch`), it publishes a cursor
+//!   `{"after_id":0,"done":0}` to the
 //!   durable queue `chat_writer.backfill`. The backfill task consumes one
 //!   cursor at a time: it reads the next rows, publishes their documents to
 //!   `chat_writer.index` and the next cursor (both confirmed), then acks the
 //!   cursor it holds. The broker thus keeps the progress: a restart or a
 //!   SIGKILL resumes where it stopped, and with several writers only the
-//!   one holding the cursor works. Documents carry `version = updated_at`,
+//!   one holding the cursor works. At the end it sets the index's
+//!   `_meta.chat_writer.backfilled` marker. Documents carry `version = updated_at`,
 //!   so a backfill racing live updates never overwrites a newer body.
 //! - **`chat-writer reindex`**, for an index lost while no writer ran: the
 //!   same pass, sent straight to `_bulk`, with a progress line per chunk.
@@ -77,6 +79,7 @@ pub async fn request(republisher: &Republisher) -> Result<(), String> {
 /// The backfill task: runs until shutdown (`Ok`) or an AMQP failure.
 pub async fn run(
     store: Store,
+    client: Client,
     mut consumer: BatchConsumer,
     republisher: Republisher,
     shutdown: Shutdown,
@@ -95,7 +98,13 @@ pub async fn run(
             };
             let mut backoff = Backoff::default();
             let rows = loop {
-                match store.messages_after(cursor.after_id, CHUNK).await {
+                let Some(read) = shutdown
+                    .race(store.messages_after(cursor.after_id, CHUNK))
+                    .await
+                else {
+                    return Ok(());
+                };
+                match read {
                     Ok(rows) => break rows,
                     Err(e) => {
                         log::warn!(
@@ -109,6 +118,18 @@ pub async fn run(
                 }
             };
             let Some(last) = rows.last() else {
+                // Every row is queued: mark the index, then drop the cursor.
+                let mut backoff = Backoff::default();
+                while let Err(e) = client.mark_backfilled().await {
+                    log::warn!(
+                        "backfill: cannot mark index {} yet, retry={}: {e}",
+                        client.index(),
+                        backoff.attempts() + 1
+                    );
+                    if !backoff.wait(&shutdown).await {
+                        return Ok(());
+                    }
+                }
                 log::info!(
                     "backfill: done, {} documents queued for indexing",
                     cursor.done
@@ -140,7 +161,7 @@ pub async fn reindex(store: &Store, client: &Client) -> Result<u64, String> {
     let shutdown = Shutdown::new();
     let mut watch = IndexWatch::new();
     watch.check(client).await?;
-    if !client.has_our_mapping().await? {
+    if !client.inspect().await?.ours {
         return Err(format!(
             "index {} has another mapping (token is not a keyword); delete it or choose another ELASTICSEARCH_INDEX",
             client.index()
@@ -188,6 +209,7 @@ pub async fn reindex(store: &Store, client: &Client) -> Result<u64, String> {
             "{refused} documents refused by Elasticsearch (see above)"
         ));
     }
+    client.mark_backfilled().await?;
     Ok(done)
 }
 

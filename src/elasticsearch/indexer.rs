@@ -8,9 +8,10 @@
 //! acts on the classification of `retry`: transient failures are retried
 //! with backoff (the failed items alone), refused items go to
 //! `chat_writer.index.dlq` with the reason. Messages are acked only when
-//! every document is settled. Before bulks (at most every second) and when
-//! idle, the index's identity is checked (`watch`); a lost index is
-//! recreated and a backfill from MySQL is requested (`backfill`).
+//! every document is settled. Before bulks (at most every second), before
+//! each retry and when idle, the index is checked (`watch`); a lost index
+//! is recreated and a backfill from MySQL is requested (`backfill`). On
+//! shutdown a bulk in flight is abandoned unacked, never waited for.
 
 use super::encoder::split_documents;
 use super::retry::{BulkVerdict, ItemVerdict};
@@ -73,7 +74,10 @@ pub async fn bulk_until_settled(
         for i in &sent {
             body.extend_from_slice(docs[*i]);
         }
-        let (buf, verdict) = client.bulk(std::mem::take(body), sent.len()).await;
+        // A bulk in flight is abandoned on shutdown: nothing of it is acked.
+        let (buf, verdict) = shutdown
+            .race(client.bulk(std::mem::take(body), sent.len()))
+            .await?;
         *body = buf;
         let mut again = Vec::new();
         let mut index_missing = false;
@@ -140,6 +144,11 @@ pub async fn bulk_until_settled(
             if !backoff.wait(shutdown).await {
                 return None;
             }
+            // The index may have gone while the cluster was away: a retried
+            // bulk into a missing index would auto-create it unmapped.
+            if let Some(Ok(backfill)) = shutdown.race(watch.check(client)).await {
+                settled.backfill |= backfill;
+            }
         }
     }
     Some(settled)
@@ -151,11 +160,13 @@ async fn check_index(
     client: &Client,
     watch: &mut IndexWatch,
     republisher: &Republisher,
+    shutdown: &Shutdown,
 ) -> Result<(), String> {
-    match watch.check(client).await {
-        Ok(true) => backfill::request(republisher).await,
-        Ok(false) => Ok(()),
-        Err(e) => {
+    match shutdown.race(watch.check(client)).await {
+        None => Ok(()),
+        Some(Ok(true)) => backfill::request(republisher).await,
+        Some(Ok(false)) => Ok(()),
+        Some(Err(e)) => {
             log::warn!("elasticsearch: cannot check index {}: {e}", client.index());
             Ok(())
         }
@@ -170,19 +181,19 @@ pub async fn run(
     shutdown: Shutdown,
 ) -> Result<(), String> {
     let mut watch = IndexWatch::new();
-    check_index(&client, &mut watch, &republisher).await?;
+    check_index(&client, &mut watch, &republisher, &shutdown).await?;
     let mut body: Vec<u8> = Vec::new();
     loop {
         let batch = match consumer.next(&shutdown, Some(CHECK_IDLE)).await? {
             Next::Shutdown => return Ok(()),
             Next::Idle => {
-                check_index(&client, &mut watch, &republisher).await?;
+                check_index(&client, &mut watch, &republisher, &shutdown).await?;
                 continue;
             }
             Next::Batch(b) => b,
         };
         if watch.due(CHECK_BEFORE_BULK) {
-            check_index(&client, &mut watch, &republisher).await?;
+            check_index(&client, &mut watch, &republisher, &shutdown).await?;
         }
         let mut docs: Vec<&[u8]> = Vec::new();
         let mut owner: Vec<usize> = Vec::new();

@@ -15,8 +15,26 @@ use retry::BulkVerdict;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// The index mapping of the seed (CONTRACT section 7).
-pub const MAPPING: &str = r#"{"mappings":{"properties":{"token":{"type":"keyword"},"chat_number":{"type":"integer"},"number":{"type":"integer"},"body":{"type":"text"},"created_at":{"type":"date"}}}}"#;
+/// The index mapping of the seed (CONTRACT section 7), plus a `_meta`
+/// marker of ours: `backfilled` turns true once every message row has been
+/// queued for indexing into this index (see `backfill`), so an index
+/// created while a backfill could not finish is backfilled on a later
+/// check, by this process or the next.
+pub const MAPPING: &str = r#"{"mappings":{"_meta":{"chat_writer":{"backfilled":false}},"properties":{"token":{"type":"keyword"},"chat_number":{"type":"integer"},"number":{"type":"integer"},"body":{"type":"text"},"created_at":{"type":"date"}}}}"#;
+
+/// What the mapping of the index says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IndexState {
+    /// `token` is a `keyword` in every index behind the name (the
+    /// contract's mapping).
+    pub ours: bool,
+    /// The mapping is what a `_bulk` of our documents makes Elasticsearch
+    /// auto-create (`token` as `text` with a `keyword` sub-field) and has no
+    /// marker: the index was created by a write racing its deletion.
+    pub auto_created: bool,
+    /// The `_meta.chat_writer.backfilled` marker, if the index has one.
+    pub backfilled: Option<bool>,
+}
 
 /// A client for one index at one base URL. Cheap to clone.
 #[derive(Clone)]
@@ -113,11 +131,10 @@ impl Client {
         }
     }
 
-    /// True when every index behind the name maps `token` as `keyword`
-    /// (the contract's mapping, not a dynamic one from an auto-create).
+    /// Reads the mapping: whether it is ours, auto-created, backfilled.
     ///
     /// Errors: unreachable, or an unexpected answer.
-    pub async fn has_our_mapping(&self) -> Result<bool, String> {
+    pub async fn inspect(&self) -> Result<IndexState, String> {
         let (status, text) = self.request("GET", "/_mapping".into(), None).await?;
         if status != 200 {
             return Err(format!(
@@ -128,13 +145,52 @@ impl Client {
         }
         let v: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| format!("mapping: {e}"))?;
-        let indices = v.as_object().ok_or("mapping is not an object")?;
-        Ok(!indices.is_empty()
-            && indices.values().all(|i| {
-                i.pointer("/mappings/properties/token/type")
-                    .and_then(|t| t.as_str())
-                    == Some("keyword")
-            }))
+        let indices: Vec<&serde_json::Value> = v
+            .as_object()
+            .ok_or("mapping is not an object")?
+            .values()
+            .map(|i| &i["mappings"])
+            .collect();
+        let token_type = |m: &serde_json::Value| {
+            m.pointer("/properties/token/type")
+                .and_then(|t| t.as_str())
+                .map(str::to_string)
+        };
+        let backfilled = indices
+            .first()
+            .and_then(|m| m.pointer("/_meta/chat_writer/backfilled"))
+            .and_then(|b| b.as_bool());
+        let ours = !indices.is_empty()
+            && indices
+                .iter()
+                .all(|m| token_type(m).as_deref() == Some("keyword"));
+        let auto_created = backfilled.is_none()
+            && indices.len() == 1
+            && token_type(indices[0]).as_deref() == Some("text")
+            && indices[0]
+                .pointer("/properties/token/fields/keyword")
+                .is_some();
+        Ok(IndexState {
+            ours,
+            auto_created,
+            backfilled,
+        })
+    }
+
+    /// Sets the `_meta.chat_writer.backfilled` marker to true.
+    ///
+    /// Errors: unreachable, or an unexpected answer.
+    pub async fn mark_backfilled(&self) -> Result<(), String> {
+        let body = r#"{"_meta":{"chat_writer":{"backfilled":true}}}"#;
+        let (status, text) = self.request("PUT", "/_mapping".into(), Some(body)).await?;
+        match status {
+            200 => Ok(()),
+            s => Err(format!(
+                "PUT {}/_mapping: HTTP {s}: {}",
+                self.index,
+                one_line(&text)
+            )),
+        }
     }
 
     /// Creates the index with [`MAPPING`]. Returns `false` if it already

@@ -1,29 +1,41 @@
-//! Watching the index's identity, so a lost index converges on its own
-//! (CONTRACT section 7).
+//! Watching the index, so a lost index converges on its own (CONTRACT
+//! section 7).
 //!
-//! The indexer remembers the `index.uuid` it writes into and compares it
-//! before bulks (at most every second) and when idle (every few seconds).
-//! A missing index is created with the mapping; a replaced one (a search
-//! cluster rebuilt empty) is taken as it is if it has the mapping. Either
-//! way the caller starts a backfill from MySQL. Because a `_bulk` into a
-//! missing index makes Elasticsearch auto-create it with a dynamic mapping,
-//! an index that appeared while we were not looking and lacks the mapping is
-//! deleted and created again properly; it holds only what we just wrote,
-//! and the backfill rewrites that.
+//! The indexer checks the index before bulks (at most every second), before
+//! each retry of a failed bulk, and when idle (every few seconds):
+//!
+//! - missing: created with the mapping, whose `_meta` marker says
+//!   `backfilled: false`;
+//! - ours (token is a keyword) with `backfilled: false`: a backfill from
+//!   MySQL is requested, once per index per process. The backfill sets the
+//!   marker when every row is queued, so an index whose backfill was cut
+//!   short (a reconnect, a restart, a SIGKILL between creating the index and
+//!   queuing the backfill) is backfilled again by the next check;
+//! - ours without a marker (created by an operator): adopted; backfilled
+//!   only if it replaced the index seen before while this process ran;
+//! - auto-created (a `_bulk` into a missing index makes Elasticsearch
+//!   create it with a dynamic mapping: token as text): deleted and created
+//!   again with the mapping, then backfilled. It holds only what bulks wrote
+//!   into it, and the backfill rewrites that;
+//! - another mapping: logged as an error and used as it is.
 
 use super::Client;
 use std::time::{Duration, Instant};
 
-/// The index identity last seen.
+/// What the watch last saw.
 #[derive(Debug, Default)]
 pub struct IndexWatch {
+    /// `index.uuid` of the index last seen.
     known: Option<String>,
+    /// Nothing left to do for `known` (backfilled, or not ours to fill).
+    settled: bool,
+    /// The index a backfill was requested for by this process.
+    requested: Option<String>,
     last_check: Option<Instant>,
 }
 
 impl IndexWatch {
-    /// A watch that has seen nothing yet (the first check adopts what it
-    /// finds, or creates the index).
+    /// A watch that has seen nothing yet.
     pub fn new() -> IndexWatch {
         IndexWatch::default()
     }
@@ -33,51 +45,85 @@ impl IndexWatch {
         self.last_check.is_none_or(|t| t.elapsed() >= every)
     }
 
-    /// Compares the index with what was seen before; creates or repairs it.
+    /// Checks the index; creates or repairs it.
     ///
-    /// Returns `true` when the index was created or replaced since the last
-    /// check, so its documents must be backfilled from MySQL. Errors:
-    /// Elasticsearch unreachable or answering unexpectedly (try again later).
+    /// Returns `true` when a backfill from MySQL must be requested now.
+    /// Errors: Elasticsearch unreachable or answering unexpectedly (check
+    /// again later).
     pub async fn check(&mut self, client: &Client) -> Result<bool, String> {
         self.last_check = Some(Instant::now());
-        let first = self.known.is_none();
-        match client.index_uuid().await? {
-            None => {
-                if client.create_index().await? {
-                    log::warn!(
-                        "elasticsearch: index {} is missing; created it with the mapping",
-                        client.index()
-                    );
-                }
-                self.known = client.index_uuid().await?;
-                Ok(true)
-            }
-            Some(uuid) if self.known.as_deref() == Some(uuid.as_str()) => Ok(false),
-            Some(uuid) => {
-                if client.has_our_mapping().await? {
-                    self.known = Some(uuid);
-                    if !first {
-                        log::warn!("elasticsearch: index {} was replaced", client.index());
-                    }
-                    return Ok(!first);
-                }
-                if first {
-                    log::error!(
-                        "elasticsearch: index {} exists with another mapping (token is not a keyword); indexing into it as it is",
-                        client.index()
-                    );
-                    self.known = Some(uuid);
-                    return Ok(false);
-                }
+        let Some(uuid) = client.index_uuid().await? else {
+            if client.create_index().await? {
                 log::warn!(
-                    "elasticsearch: index {} reappeared without the mapping (auto-created by a write); recreating it",
+                    "elasticsearch: index {} is missing; created it with the mapping",
                     client.index()
                 );
-                client.delete_index().await?;
-                client.create_index().await?;
-                self.known = client.index_uuid().await?;
-                Ok(true)
+            }
+            return self.adopt_new(client).await;
+        };
+        let replaced = self.known.as_deref().is_some_and(|k| k != uuid);
+        if self.known.as_deref() == Some(uuid.as_str()) && self.settled {
+            return Ok(false);
+        }
+        let state = client.inspect().await?;
+        if state.auto_created {
+            log::warn!(
+                "elasticsearch: index {} was auto-created by a write without the mapping; creating it again",
+                client.index()
+            );
+            client.delete_index().await?;
+            client.create_index().await?;
+            return self.adopt_new(client).await;
+        }
+        self.known = Some(uuid.clone());
+        if !state.ours {
+            if !self.settled || replaced {
+                log::error!(
+                    "elasticsearch: index {} has another mapping (token is not a keyword); indexing into it as it is",
+                    client.index()
+                );
+            }
+            self.settled = true;
+            return Ok(false);
+        }
+        match state.backfilled {
+            Some(true) => {
+                self.settled = true;
+                Ok(false)
+            }
+            Some(false) => Ok(self.request_once(uuid)),
+            None => {
+                self.settled = true;
+                if replaced {
+                    log::warn!("elasticsearch: index {} was replaced", client.index());
+                    self.requested = Some(uuid);
+                }
+                Ok(replaced)
             }
         }
+    }
+
+    /// Records a freshly created index and asks for its backfill.
+    async fn adopt_new(&mut self, client: &Client) -> Result<bool, String> {
+        self.settled = false;
+        match client.index_uuid().await? {
+            Some(uuid) => {
+                self.known = Some(uuid.clone());
+                Ok(self.request_once(uuid))
+            }
+            None => Err(format!(
+                "index {} vanished right after its creation",
+                client.index()
+            )),
+        }
+    }
+
+    /// True the first time it is asked for `uuid`.
+    fn request_once(&mut self, uuid: String) -> bool {
+        if self.requested.as_deref() == Some(uuid.as_str()) {
+            return false;
+        }
+        self.requested = Some(uuid);
+        true
     }
 }

@@ -22,12 +22,16 @@ use mysql_async::{Opts, OptsBuilder, Pool, PoolConstraints, PoolOpts};
 use std::time::Duration;
 
 /// Statements run on every new connection: utf8mb4 end to end (case 1),
-/// UTC, strict mode with backslash escapes (see `sql`).
+/// UTC, strict mode with backslash escapes (see `sql`), READ COMMITTED.
 pub fn connection_init() -> Vec<String> {
     vec![
         "SET NAMES utf8mb4 COLLATE utf8mb4_unicode_ci".into(),
         "SET time_zone = '+00:00'".into(),
         "SET sql_mode = 'STRICT_ALL_TABLES,NO_ZERO_DATE,NO_ENGINE_SUBSTITUTION'".into(),
+        // Every transaction of the writer reads what is committed (no stale
+        // snapshot, no gap locks between replicas); set once per connection
+        // instead of once per transaction.
+        "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED".into(),
     ]
 }
 
@@ -82,6 +86,7 @@ fn one_line(s: &str) -> String {
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
+    known: std::sync::Arc<std::sync::Mutex<writes::KnownParents>>,
 }
 
 impl Store {
@@ -89,6 +94,7 @@ impl Store {
     pub fn new(cfg: &Config) -> Store {
         Store {
             pool: Pool::new(opts(cfg, Some(&cfg.database_name))),
+            known: Default::default(),
         }
     }
 

@@ -14,7 +14,7 @@ use crate::payload::{CreateChat, CreateMessage, UpdateMessage};
 use crate::time::Micros;
 use async_compat::Compat;
 use mysql_async::prelude::Queryable;
-use mysql_async::{IsolationLevel, Transaction, TxOpts};
+use mysql_async::{Conn, Transaction, TxOpts};
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::ops::Range;
@@ -108,15 +108,14 @@ async fn isolate<'a>(
     Ok(out)
 }
 
+/// A transaction (READ COMMITTED, set per connection in `connection_init`).
 async fn begin(store: &Store) -> Result<Transaction<'static>, mysql_async::Error> {
-    let mut opts = TxOpts::default();
-    opts.with_isolation_level(IsolationLevel::ReadCommitted);
-    store.pool.start_transaction(opts).await
+    store.pool.start_transaction(TxOpts::default()).await
 }
 
 /// `SELECT id FROM <table> WHERE id IN (ids)` as a set.
 async fn existing_ids(
-    tx: &mut Transaction<'_>,
+    tx: &mut impl Queryable,
     table: &str,
     ids: impl Iterator<Item = i64>,
 ) -> Result<HashSet<i64>, mysql_async::Error> {
@@ -129,39 +128,109 @@ async fn existing_ids(
     Ok(tx.query::<i64, _>(q).await?.into_iter().collect())
 }
 
-/// The multi-row insert shared by chats and messages: checks which parents
-/// exist (one `SELECT … IN`), inserts the rows whose parent does with one
-/// `INSERT … VALUES (…),(…) ON DUPLICATE KEY UPDATE id = id`, and returns
-/// `Stored` or `ParentMissing` per input row, in order.
+/// Parent ids known to exist. Applications and chats are never deleted
+/// (CONTRACT section 4), so once seen a parent stays; the set only saves
+/// the `SELECT … IN` of later batches. Bounded: cleared past 200,000 ids.
+#[derive(Debug, Default)]
+pub struct KnownParents {
+    applications: HashSet<i64>,
+    chats: HashSet<i64>,
+}
+
+/// Which parent table a batch checks.
+#[derive(Debug, Clone, Copy)]
+enum Parent {
+    Applications,
+    Chats,
+}
+
+impl Parent {
+    fn table(self) -> &'static str {
+        match self {
+            Parent::Applications => "applications",
+            Parent::Chats => "chats",
+        }
+    }
+    fn set(self, k: &mut KnownParents) -> &mut HashSet<i64> {
+        match self {
+            Parent::Applications => &mut k.applications,
+            Parent::Chats => &mut k.chats,
+        }
+    }
+}
+
+const KNOWN_PARENTS_MAX: usize = 200_000;
+
+/// What [`insert_children`] did.
+struct Inserted {
+    /// `Stored` or `ParentMissing` per input row, in order.
+    outcomes: Vec<Outcome>,
+    /// True when every stored row was new (no duplicate met), so the rows
+    /// are exactly what was sent and need no read-back.
+    all_new: bool,
+}
+
+/// The multi-row insert shared by chats and messages, in autocommit (one
+/// statement is one transaction): checks the parents not yet known to exist
+/// (one `SELECT … IN`), then inserts the rows whose parent exists with one
+/// `INSERT … VALUES (…),(…) ON DUPLICATE KEY UPDATE id = id`. The affected
+/// row count tells duplicates apart: 1 per new row, 0 per duplicate.
 async fn insert_children<'a, const N: usize>(
-    tx: &mut Transaction<'_>,
-    parent_table: &str,
+    store: &Store,
+    conn: &mut Conn,
+    parent: Parent,
     insert: &str,
     rows: impl Iterator<Item = (i64, [Lit<'a>; N])> + Clone,
-) -> Result<Vec<Outcome>, mysql_async::Error> {
-    let parents = existing_ids(tx, parent_table, rows.clone().map(|(p, _)| p)).await?;
+) -> Result<Inserted, mysql_async::Error> {
+    let unknown: Vec<i64> = {
+        let mut known = store.known.lock().unwrap_or_else(|p| p.into_inner());
+        let set = parent.set(&mut known);
+        rows.clone()
+            .map(|(p, _)| p)
+            .filter(|p| !set.contains(p))
+            .collect()
+    };
+    let found = if unknown.is_empty() {
+        HashSet::new()
+    } else {
+        existing_ids(conn, parent.table(), unknown.into_iter()).await?
+    };
+    let exists: HashSet<i64> = {
+        let mut known = store.known.lock().unwrap_or_else(|p| p.into_inner());
+        let set = parent.set(&mut known);
+        if set.len() + found.len() > KNOWN_PARENTS_MAX {
+            set.clear();
+        }
+        set.extend(found.iter().copied());
+        rows.clone()
+            .map(|(p, _)| p)
+            .filter(|p| set.contains(p) || found.contains(p))
+            .collect()
+    };
     let outcomes: Vec<Outcome> = rows
         .clone()
         .map(|(p, _)| {
-            if parents.contains(&p) {
+            if exists.contains(&p) {
                 Outcome::Stored
             } else {
                 Outcome::ParentMissing
             }
         })
         .collect();
-    if outcomes.contains(&Outcome::Stored) {
+    let stored = outcomes.iter().filter(|o| **o == Outcome::Stored).count() as u64;
+    let mut all_new = true;
+    if stored > 0 {
         let mut q = String::with_capacity(insert.len() + 64 + outcomes.len() * 160);
         q.push_str(insert);
         push_tuples(
             &mut q,
-            rows.filter(|(p, _)| parents.contains(p))
-                .map(|(_, row)| row),
+            rows.filter(|(p, _)| exists.contains(p)).map(|(_, row)| row),
         );
         q.push_str(" ON DUPLICATE KEY UPDATE id = id");
-        tx.query_drop(q).await?;
+        conn.query_drop(q).await?;
+        all_new = conn.affected_rows() == stored;
     }
-    Ok(outcomes)
+    Ok(Inserted { outcomes, all_new })
 }
 
 /// The columns of a [`MessageRow`], in its field order.
@@ -196,7 +265,7 @@ fn push_key_list(q: &mut String, keys: impl Iterator<Item = (i64, i32)>) {
 
 /// Reads back the rows `(chat_id, number)` as stored.
 async fn read_back(
-    tx: &mut Transaction<'_>,
+    tx: &mut impl Queryable,
     keys: impl Iterator<Item = (i64, i32)>,
 ) -> Result<Vec<MessageRow>, mysql_async::Error> {
     let mut q = String::from(MESSAGE_COLUMNS);
@@ -229,7 +298,7 @@ impl Store {
         &self,
         items: &[(&CreateChat, Micros)],
     ) -> Result<Vec<Outcome>, mysql_async::Error> {
-        let mut tx = begin(self).await?;
+        let mut conn = self.pool.get_conn().await?;
         let rows = items.iter().map(|(c, at)| {
             let row = [
                 Lit::Int(c.application_id),
@@ -242,16 +311,16 @@ impl Store {
             ];
             (c.application_id, row)
         });
-        let outcomes = insert_children(
-            &mut tx,
-            "applications",
+        let inserted = insert_children(
+            self,
+            &mut conn,
+            Parent::Applications,
             "INSERT INTO chats (application_id, token, number, messages_count, creator_id, \
              created_at, updated_at) VALUES ",
             rows,
         )
         .await?;
-        tx.commit().await?;
-        Ok(outcomes)
+        Ok(inserted.outcomes)
     }
 
     /// Inserts a batch of messages: `(payload, created_at)` pairs. With
@@ -284,7 +353,7 @@ impl Store {
         items: &[(&CreateMessage, Micros)],
         want_rows: bool,
     ) -> Result<(Vec<Outcome>, Vec<MessageRow>), mysql_async::Error> {
-        let mut tx = begin(self).await?;
+        let mut conn = self.pool.get_conn().await?;
         let rows = items.iter().map(|(m, at)| {
             let row = [
                 Lit::Int(m.chat_id),
@@ -298,25 +367,42 @@ impl Store {
             ];
             (m.chat_id, row)
         });
-        let outcomes = insert_children(
-            &mut tx,
-            "chats",
+        let inserted = insert_children(
+            self,
+            &mut conn,
+            Parent::Chats,
             "INSERT INTO messages (chat_id, token, chat_number, number, body, creator_id, \
              created_at, updated_at) VALUES ",
             rows,
         )
         .await?;
-        let mut rows = Vec::new();
-        if want_rows && outcomes.contains(&Outcome::Stored) {
-            let keys = items
-                .iter()
-                .zip(&outcomes)
-                .filter(|(_, o)| **o == Outcome::Stored)
-                .map(|((m, _), _)| (m.chat_id, m.number));
-            rows = read_back(&mut tx, keys).await?;
-        }
-        tx.commit().await?;
-        Ok((outcomes, rows))
+        let stored = items
+            .iter()
+            .zip(&inserted.outcomes)
+            .filter(|(_, o)| **o == Outcome::Stored);
+        let rows = if !want_rows {
+            Vec::new()
+        } else if inserted.all_new {
+            // Exactly what was sent: no read-back needed (`id` is not known
+            // and not needed for indexing).
+            stored
+                .map(|((m, at), _)| MessageRow {
+                    id: 0,
+                    chat_id: m.chat_id,
+                    number: m.number,
+                    token: m.token.clone(),
+                    chat_number: m.chat_number,
+                    body: m.body.clone(),
+                    created_at: *at,
+                    updated_at: *at,
+                })
+                .collect()
+        } else {
+            // A duplicate is indexed as stored (the original, possibly
+            // updated since), never as sent.
+            read_back(&mut conn, stored.map(|((m, _), _)| (m.chat_id, m.number))).await?
+        };
+        Ok((inserted.outcomes, rows))
     }
 
     /// Applies a batch of updates: body and `updated_at` of the row

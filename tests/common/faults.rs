@@ -2,7 +2,8 @@
 //!
 //! - [`Proxy`]: a pausable TCP proxy on 127.0.0.1 in front of any server
 //!   (MySQL, Redis, osmem-server). `pause()` drops every live connection and
-//!   closes new ones at once; `resume()` forwards again.
+//!   closes new ones at once; `freeze()` keeps connections open but passes
+//!   nothing on (a server that hangs); `resume()` forwards again.
 //! - [`RedisServer`]: a private `redis-server` on a free port, no persistence.
 //! - [`OsmemServer`]: a private osmem-server on a fixed free port that can be
 //!   stopped and restarted (empty) on the same port.
@@ -27,6 +28,9 @@ use super::{artefact_dir, free_port, rabbitmqctl};
 
 struct ProxyShared {
     paused: AtomicBool,
+    /// Bytes are read but not passed on: the peer sees a server (or client)
+    /// that stopped answering, connections stay open.
+    frozen: AtomicBool,
     stop: AtomicBool,
     /// Both sockets of every live forwarded connection.
     live: Mutex<Vec<(TcpStream, TcpStream)>>,
@@ -63,6 +67,7 @@ impl Proxy {
         let port = listener.local_addr().expect("proxy addr").port();
         let shared = Arc::new(ProxyShared {
             paused: AtomicBool::new(false),
+            frozen: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             live: Mutex::new(Vec::new()),
             accepted: AtomicUsize::new(0),
@@ -87,9 +92,16 @@ impl Proxy {
         self.shared.drop_all();
     }
 
-    /// Forwards new connections again.
+    /// Forwards new connections again (and thaws a frozen proxy).
     pub fn resume(&self) {
         self.shared.paused.store(false, Ordering::SeqCst);
+        self.shared.frozen.store(false, Ordering::SeqCst);
+    }
+
+    /// Stops passing bytes on, keeping every connection open: a server that
+    /// hangs instead of refusing (a silent network, a stuck process).
+    pub fn freeze(&self) {
+        self.shared.frozen.store(true, Ordering::SeqCst);
     }
 
     pub fn is_paused(&self) -> bool {
@@ -154,8 +166,9 @@ fn accept_loop(listener: TcpListener, target: SocketAddr, sh: Arc<ProxyShared>) 
                     live.push((c3, s3));
                 }
                 sh.accepted.fetch_add(1, Ordering::SeqCst);
-                std::thread::spawn(move || pump(client, s2));
-                std::thread::spawn(move || pump(server, c2));
+                let (sh1, sh2) = (sh.clone(), sh.clone());
+                std::thread::spawn(move || pump(client, s2, sh1));
+                std::thread::spawn(move || pump(server, c2, sh2));
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 std::thread::sleep(Duration::from_millis(5));
@@ -166,12 +179,16 @@ fn accept_loop(listener: TcpListener, target: SocketAddr, sh: Arc<ProxyShared>) 
 }
 
 /// Copies `from` → `to` until EOF or an error, then shuts both down.
-fn pump(mut from: TcpStream, mut to: TcpStream) {
+/// While the proxy is frozen, what was read is held back.
+fn pump(mut from: TcpStream, mut to: TcpStream, sh: Arc<ProxyShared>) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => {
+                while sh.frozen.load(Ordering::SeqCst) && !sh.stop.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
                 if to.write_all(&buf[..n]).is_err() {
                     break;
                 }

@@ -12,6 +12,7 @@ mod es_index;
 mod harness;
 mod ops;
 mod outages;
+mod recovery;
 mod retries;
 mod shutdown;
 mod sigkill;

@@ -23,7 +23,7 @@ use crate::common::{wait_until, Es, Kv, TestEnv, APP_ID, TOKEN};
 const CHATS: i64 = 4;
 
 /// Seeds application 7 and chats 1..=CHATS.
-async fn seed(env: &TestEnv) {
+pub(crate) async fn seed(env: &TestEnv) {
     env.migrate_and_seed().await;
     for c in 2..=CHATS {
         env.db.seed_chat(c, APP_ID, TOKEN, c, 0).await;
@@ -32,7 +32,7 @@ async fn seed(env: &TestEnv) {
 
 /// `per_chat` creates in each chat, numbers `first..first + per_chat`,
 /// interleaved across chats.
-fn creates(first: i64, per_chat: i64, want: &mut Expected) -> Vec<Item> {
+pub(crate) fn creates(first: i64, per_chat: i64, want: &mut Expected) -> Vec<Item> {
     let mut items = Vec::new();
     for n in first..first + per_chat {
         for c in 1..=CHATS {

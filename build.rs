@@ -1,4 +1,5 @@
 //! Embeds the git commit and the build date (UTC) for `--version`.
+//! VCS_REF, when set (a container build has no .git), names the commit;
 //! SOURCE_DATE_EPOCH, when set, fixes the date for reproducible builds.
 
 use std::process::Command;
@@ -9,14 +10,20 @@ use std::time::{SystemTime, UNIX_EPOCH};
 mod time;
 
 fn main() {
-    let commit = Command::new("git")
-        .args(["rev-parse", "--short=12", "HEAD"])
-        .output()
+    let from_env = std::env::var("VCS_REF")
         .ok()
-        .filter(|o| o.status.success())
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
+        .filter(|s| !s.is_empty() && s != "unknown");
+    let commit = from_env
+        .or_else(|| {
+            Command::new("git")
+                .args(["rev-parse", "--short=12", "HEAD"])
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .and_then(|o| String::from_utf8(o.stdout).ok())
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+        })
         .unwrap_or_else(|| "unknown".into());
     let secs = std::env::var("SOURCE_DATE_EPOCH")
         .ok()
@@ -31,6 +38,7 @@ fn main() {
     println!("cargo:rustc-env=CHAT_WRITER_COMMIT={commit}");
     println!("cargo:rustc-env=CHAT_WRITER_BUILD_DATE={}", &date[..10]);
     println!("cargo:rerun-if-env-changed=SOURCE_DATE_EPOCH");
+    println!("cargo:rerun-if-env-changed=VCS_REF");
     println!("cargo:rerun-if-changed=.git/HEAD");
     println!("cargo:rerun-if-changed=.git/refs/heads");
     println!("cargo:rerun-if-changed=build.rs");

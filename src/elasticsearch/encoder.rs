@@ -64,8 +64,9 @@ pub fn push_document(out: &mut Vec<u8>, row: &MessageRow) {
 
 /// Largest index message (and backfill chunk) body, in bytes: a batch's
 /// documents are cut into several messages above it, so no broker
-/// `max_message_size` (16 MiB by default in RabbitMQ 4) is ever reached.
-pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
+/// `max_message_size` (16 MiB by default in RabbitMQ 4) is ever reached and
+/// the indexer's prefetch holds a bounded amount of memory.
+pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
 
 /// Encodes `rows` into bulk bodies of at most [`MAX_MESSAGE_BYTES`] each
 /// (one document larger than that gets a body of its own).
@@ -151,7 +152,7 @@ mod tests {
         };
         let rows = vec![big; 200];
         let bodies = encode_bodies(&rows);
-        assert!(bodies.len() >= 3, "{}", bodies.len());
+        assert!(bodies.len() >= 12, "{}", bodies.len());
         assert!(bodies.iter().all(|b| b.len() <= MAX_MESSAGE_BYTES));
         assert_eq!(
             bodies

@@ -43,9 +43,13 @@ pub enum BulkVerdict {
 }
 
 #[derive(Deserialize)]
-struct BulkBody {
+struct BulkHead {
     #[serde(default)]
     errors: bool,
+}
+
+#[derive(Deserialize)]
+struct BulkBody {
     #[serde(default)]
     items: Vec<serde_json::Map<String, serde_json::Value>>,
 }
@@ -106,13 +110,17 @@ pub fn classify(status: u16, body: &[u8], expected: usize) -> BulkVerdict {
             return BulkVerdict::RetryAll(format!("HTTP {status} {kind}: {reason}"));
         }
     }
+    // The common answer, "errors": false, is decided without building the
+    // items (thousands of small maps for a large bulk).
+    match serde_json::from_slice::<BulkHead>(body) {
+        Ok(head) if !head.errors => return BulkVerdict::AllDone,
+        Ok(_) => {}
+        Err(e) => return BulkVerdict::RetryAll(format!("unreadable bulk response: {e}")),
+    }
     let parsed: BulkBody = match serde_json::from_slice(body) {
         Ok(b) => b,
         Err(e) => return BulkVerdict::RetryAll(format!("unreadable bulk response: {e}")),
     };
-    if !parsed.errors {
-        return BulkVerdict::AllDone;
-    }
     if parsed.items.len() != expected {
         return BulkVerdict::RetryAll(format!(
             "bulk response has {} items for {expected} documents",

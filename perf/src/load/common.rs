@@ -56,6 +56,9 @@ pub struct Settings {
     pub timeout: Duration,
     /// Keep the sandboxes (database, vhost, index) for inspection.
     pub keep: bool,
+    /// Extra `KEY=VALUE` environment for the writer (`--writer-env`), e.g.
+    /// `RABBITMQ_PREFETCH_COUNT=512`; applied after the sandbox's own.
+    pub writer_env: Vec<(String, String)>,
 }
 
 /// Microseconds since the Unix epoch.
@@ -422,7 +425,18 @@ impl Sandbox {
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
+        .chain(s.writer_env.iter().cloned())
         .collect()
+    }
+
+    /// False when `--writer-env ELASTICSEARCH_URL=` disables indexing: the
+    /// MySQL path is then measured alone.
+    pub fn indexing(&self) -> bool {
+        !self
+            .settings
+            .writer_env
+            .iter()
+            .any(|(k, v)| k == "ELASTICSEARCH_URL" && v.is_empty())
     }
 
     pub fn amqp_url(&self) -> String {

@@ -47,6 +47,8 @@ common flags:
   --timeout SECS      give up a drain after SECS (default 900)
   --reps K            repetitions, medians reported (roofline 3, backlog 3)
   --keep              keep databases, vhosts and indices for inspection
+  --writer-env K=V    extra environment for the writer (repeatable), e.g.
+                      RABBITMQ_PREFETCH_COUNT=512
 
 roofline:  -n N (50000)  --bulk-docs LIST (256,4096)
 backlog:   --writer PATH  -n N (100000)  --roofline FILE (reuse; else measured first)
@@ -103,6 +105,7 @@ fn parse() -> Res<Option<Args>> {
             writer_log: "warn".into(),
             timeout: Duration::from_secs(900),
             keep: false,
+            writer_env: Vec::new(),
         },
         n: None,
         reps: None,
@@ -140,6 +143,11 @@ fn parse() -> Res<Option<Args>> {
             "--writer-log" => a.s.writer_log = val().ok_or("--writer-log needs a value")?,
             "--timeout" => a.s.timeout = Duration::from_secs(num(&flag, val())? as u64),
             "--keep" => a.s.keep = true,
+            "--writer-env" => {
+                let v = val().ok_or("--writer-env needs KEY=VALUE")?;
+                let (k, x) = v.split_once('=').ok_or("--writer-env needs KEY=VALUE")?;
+                a.s.writer_env.push((k.to_string(), x.to_string()));
+            }
             "-n" | "--messages" => a.n = Some(num(&flag, val())?),
             "--reps" => a.reps = Some(num(&flag, val())?.max(1)),
             "--bulk-docs" => a.bulk_docs = list(&flag, val())?,

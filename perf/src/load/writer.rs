@@ -169,10 +169,11 @@ impl Writer {
                 queue_state(&conn, "create_messages").await?,
                 Some((_, c)) if c >= 1
             );
-            let index = http_request(&agent, "GET", &sb.index_url(), None)
-                .await
-                .map(|(s, _)| s == 200)
-                .unwrap_or(false);
+            let index = !sb.indexing()
+                || http_request(&agent, "GET", &sb.index_url(), None)
+                    .await
+                    .map(|(s, _)| s == 200)
+                    .unwrap_or(false);
             if consuming && index {
                 break Ok(self.started.elapsed());
             }

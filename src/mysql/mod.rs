@@ -13,7 +13,7 @@ mod schema;
 pub mod sql;
 mod writes;
 
-pub use schema::migrate;
+pub use schema::{migrate, TABLES};
 pub use writes::{MessageRow, Outcome};
 
 use crate::config::Config;

@@ -10,7 +10,9 @@ use async_compat::Compat;
 use mysql_async::prelude::Queryable;
 use mysql_async::Conn;
 
-const TABLES: &[&str] = &[
+/// The `CREATE TABLE IF NOT EXISTS` statements of CONTRACT section 4, in
+/// dependency order (also used by perf/ to set up its own databases).
+pub const TABLES: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS applications (
         id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
         token VARCHAR(255) NOT NULL,

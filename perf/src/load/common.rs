@@ -265,49 +265,12 @@ pub async fn make_messages(
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
-/// The CONTRACT section 4 schema (the same DDL as `chat-writer migrate`),
-/// used when no writer binary is at hand (roofline).
-pub const SCHEMA: &[&str] = &[
-    "CREATE TABLE IF NOT EXISTS applications (
-        id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
-        token VARCHAR(255) NOT NULL,
-        name VARCHAR(255) NOT NULL,
-        chats_count INT NOT NULL DEFAULT 0,
-        created_at DATETIME(6) NOT NULL,
-        updated_at DATETIME(6) NOT NULL,
-        UNIQUE KEY index_applications_on_token (token)
-    ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci",
-    "CREATE TABLE IF NOT EXISTS chats (
-        id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
-        application_id BIGINT NOT NULL,
-        token VARCHAR(255) NOT NULL,
-        number INT NOT NULL,
-        messages_count INT NOT NULL DEFAULT 0,
-        creator_id BIGINT NULL,
-        created_at DATETIME(6) NOT NULL,
-        updated_at DATETIME(6) NOT NULL,
-        UNIQUE KEY index_chats_on_application_id_and_number (application_id, number),
-        KEY index_chats_on_token_and_number (token, number),
-        CONSTRAINT fk_chats_application_id FOREIGN KEY (application_id) REFERENCES applications (id)
-    ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci",
-    "CREATE TABLE IF NOT EXISTS messages (
-        id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
-        chat_id BIGINT NOT NULL,
-        token VARCHAR(255) NOT NULL,
-        chat_number INT NOT NULL,
-        number INT NOT NULL,
-        body TEXT NOT NULL,
-        creator_id BIGINT NULL,
-        created_at DATETIME(6) NOT NULL,
-        updated_at DATETIME(6) NOT NULL,
-        UNIQUE KEY index_messages_on_chat_id_and_number (chat_id, number),
-        KEY index_messages_on_token_and_chat_number (token, chat_number),
-        CONSTRAINT fk_messages_chat_id FOREIGN KEY (chat_id) REFERENCES chats (id)
-    ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci",
-];
+/// The CONTRACT section 4 schema: the writer's own DDL (`chat-writer
+/// migrate`), used when no writer binary is at hand (roofline).
+pub const SCHEMA: &[&str] = chat_writer::mysql::TABLES;
 
-/// The seed's index mapping (CONTRACT section 7).
-pub const MAPPING: &str = r#"{"mappings":{"properties":{"token":{"type":"keyword"},"chat_number":{"type":"integer"},"number":{"type":"integer"},"body":{"type":"text"},"created_at":{"type":"date"}}}}"#;
+/// The index mapping (CONTRACT section 7): the writer's own.
+pub const MAPPING: &str = chat_writer::elasticsearch::MAPPING;
 
 /// One run's own resources: database, vhost and index share the name.
 pub struct Sandbox {

@@ -69,8 +69,7 @@
 //! connection error; 2 bad flag or environment value.
 
 use async_compat::Compat;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, PublisherConfirm};
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, OptsBuilder, Params, Pool, Value};
@@ -462,35 +461,13 @@ impl Publisher {
     }
 }
 
-/// Declares each work queue that does not exist yet (durable, no arguments).
-/// A passive declare of a missing queue closes its channel, so each check
-/// gets a fresh channel.
+/// Declares each work queue that does not exist yet (durable, no
+/// arguments), with the writer's own passive-first declare.
 async fn ensure_queues(conn: &Connection) -> Res<()> {
     for queue in QUEUES {
-        let probe = conn.create_channel().await.ctx("opening a channel")?;
-        let passive = QueueDeclareOptions {
-            passive: true,
-            ..QueueDeclareOptions::default()
-        };
-        if probe
-            .queue_declare(queue.into(), passive, FieldTable::default())
-            .await
-            .is_ok()
-        {
-            let _ = probe.close(200, "OK".into()).await;
-            continue;
-        }
-        let channel = conn.create_channel().await.ctx("opening a channel")?;
-        channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions::durable(),
-                FieldTable::default(),
-            )
+        chat_writer::amqp::topology::ensure_queue(conn, queue)
             .await
             .ctx(&format!("declaring queue {queue}"))?;
-        let _ = channel.close(200, "OK".into()).await;
-        println!("  declared missing queue {queue} (durable)");
     }
     Ok(())
 }

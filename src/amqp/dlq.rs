@@ -39,6 +39,19 @@ async fn open(url: &str, queue: &str) -> Result<(Connection, Channel, u32), Stri
     Ok((conn, ch, q.message_count()))
 }
 
+/// One message of `<queue>.dlq` (`basic.get`, manual ack), if any.
+async fn next(
+    ch: &Channel,
+    queue: &str,
+) -> Result<Option<lapin::message::BasicGetMessage>, String> {
+    ch.basic_get(
+        dead_letter_queue(queue).as_str().into(),
+        BasicGetOptions { no_ack: false },
+    )
+    .await
+    .map_err(|e| e.to_string())
+}
+
 fn header_text(v: &AMQPValue) -> String {
     match v {
         AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
@@ -58,14 +71,7 @@ pub async fn show(url: &str, queue: &str, n: usize) -> Result<usize, String> {
     println!("{}: {depth} messages", dead_letter_queue(queue));
     let mut shown = 0;
     while shown < n {
-        let Some(got) = ch
-            .basic_get(
-                dead_letter_queue(queue).as_str().into(),
-                BasicGetOptions { no_ack: false },
-            )
-            .await
-            .map_err(|e| e.to_string())?
-        else {
+        let Some(got) = next(&ch, queue).await? else {
             break;
         };
         shown += 1;
@@ -108,14 +114,7 @@ pub async fn replay(url: &str, queue: &str, n: Option<usize>) -> Result<usize, S
     let limit = n.unwrap_or(depth as usize).min(depth as usize);
     let mut moved = 0;
     while moved < limit {
-        let Some(got) = ch
-            .basic_get(
-                dead_letter_queue(queue).as_str().into(),
-                BasicGetOptions { no_ack: false },
-            )
-            .await
-            .map_err(|e| e.to_string())?
-        else {
+        let Some(got) = next(&ch, queue).await? else {
             break;
         };
         let d = got.delivery;

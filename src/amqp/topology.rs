@@ -61,6 +61,17 @@ pub async fn declare_all(
     Ok(())
 }
 
+/// Makes sure the queue `name` exists (durable, no arguments if it has to
+/// be created), on a channel of its own: for tools such as perf/.
+///
+/// Errors: connection-level failures.
+pub async fn ensure_queue(conn: &Connection, name: &str) -> lapin::Result<()> {
+    let ch = conn.create_channel().await?;
+    let ch = ensure(conn, ch, name, FieldTable::default()).await?;
+    let _ = ch.close(200, "declared".into()).await;
+    Ok(())
+}
+
 /// Makes sure `name` exists; returns a usable channel for the next call.
 async fn ensure(
     conn: &Connection,

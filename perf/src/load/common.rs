@@ -535,32 +535,12 @@ pub fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
 
 // ---------------------------------------------------------------- RabbitMQ
 
-/// Declares `queue` durable without arguments unless it exists (a passive
-/// declare first, on a throwaway channel, as the writer does).
+/// Declares `queue` durable without arguments unless it exists, as the
+/// writer does (its own `ensure_queue`).
 pub async fn ensure_queue(conn: &Connection, queue: &str) -> Res<()> {
-    let probe = conn.create_channel().await.ctx("opening a channel")?;
-    let passive = QueueDeclareOptions {
-        passive: true,
-        ..QueueDeclareOptions::default()
-    };
-    if probe
-        .queue_declare(queue.into(), passive, FieldTable::default())
+    chat_writer::amqp::topology::ensure_queue(conn, queue)
         .await
-        .is_ok()
-    {
-        let _ = probe.close(200, "OK".into()).await;
-        return Ok(());
-    }
-    let ch = conn.create_channel().await.ctx("opening a channel")?;
-    ch.queue_declare(
-        queue.into(),
-        QueueDeclareOptions::durable(),
-        FieldTable::default(),
-    )
-    .await
-    .ctx(&format!("declaring {queue}"))?;
-    let _ = ch.close(200, "OK".into()).await;
-    Ok(())
+        .ctx(&format!("declaring {queue}"))
 }
 
 /// (messages ready, consumers) of `queue`, or None if it does not exist.

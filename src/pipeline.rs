@@ -103,6 +103,8 @@ struct Interrupted;
 /// A batch written to MySQL, waiting to be settled.
 struct Written {
     started: Instant,
+    /// How long the MySQL write took (debug log).
+    write_time: Duration,
     now: Micros,
     fates: Vec<Fate>,
     rows: Vec<MessageRow>,
@@ -224,6 +226,7 @@ async fn write_batch(
 
     Ok(Written {
         started,
+        write_time: started.elapsed(),
         now,
         fates,
         rows,
@@ -244,6 +247,7 @@ async fn settle(
 ) -> Result<(), String> {
     let Written {
         started,
+        write_time,
         now,
         fates,
         rows,
@@ -313,9 +317,11 @@ async fn settle(
             properties: persistent("application/x-ndjson"),
         });
     }
+    let publish_started = Instant::now();
     if !out.is_empty() {
         ctx.republisher.publish_all(&out).await?;
     }
+    let publish_time = publish_started.elapsed();
     if !markers.chats.is_empty() || !markers.messages.is_empty() {
         // Unbounded channel: only fails if the flusher is gone (shutdown).
         let _ = ctx.markers.try_send(markers);
@@ -329,14 +335,16 @@ async fn settle(
         .await
         .map_err(|e| format!("ack on {queue}: {e}"))?;
     log::debug!(
-        "batch queue={queue} size={} stored={} retried={} dead_lettered={} first_tag={} last_tag={} duration_ms={}",
+        "batch queue={queue} size={} stored={} retried={} dead_lettered={} first_tag={} last_tag={} write_us={} publish_us={} duration_us={}",
         batch.len(),
         summary.stored,
         summary.retried,
         summary.dead_lettered,
         first.delivery_tag,
         last.delivery_tag,
-        started.elapsed().as_millis()
+        write_time.as_micros(),
+        publish_time.as_micros(),
+        started.elapsed().as_micros()
     );
     Ok(())
 }

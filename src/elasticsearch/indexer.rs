@@ -206,6 +206,7 @@ pub async fn run(
                 owner.push(i);
             }
         }
+        let bulk_started = std::time::Instant::now();
         let Some(settled) =
             bulk_until_settled(&client, &mut watch, &docs, &mut body, &shutdown).await
         else {
@@ -241,10 +242,11 @@ pub async fn run(
             .ack_through(batch.last().expect("a batch is never empty"))
             .await?;
         log::debug!(
-            "indexed documents={} refused={} messages={}",
+            "indexed documents={} refused={} messages={} bulk_us={}",
             docs.len(),
             settled.rejected.len(),
-            batch.len()
+            batch.len(),
+            bulk_started.elapsed().as_micros()
         );
     }
 }

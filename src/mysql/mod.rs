@@ -23,6 +23,8 @@ use std::time::Duration;
 
 /// Statements run on every new connection: utf8mb4 end to end (case 1),
 /// UTC, strict mode with backslash escapes (see `sql`), READ COMMITTED.
+/// They hold for the connection's life: the pool does not reset returned
+/// connections (see [`opts`]).
 pub fn connection_init() -> Vec<String> {
     vec![
         "SET NAMES utf8mb4 COLLATE utf8mb4_unicode_ci".into(),
@@ -113,9 +115,15 @@ impl Store {
 pub fn opts(cfg: &Config, db: Option<&str>) -> Opts {
     let constraints = PoolConstraints::new(cfg.db_max_idle_conns, cfg.db_max_open_conns)
         .unwrap_or_else(|| PoolConstraints::new(0, cfg.db_max_open_conns).expect("max >= 1"));
+    // No COM_RESET_CONNECTION when a connection returns to the pool: it
+    // would put every session variable set by `connection_init` back to the
+    // server's global value (REPEATABLE READ, SYSTEM time zone, …) and cost a
+    // round trip per batch. The driver rolls back a transaction left open
+    // by a dropped future itself, and the writer sets no other session state.
     let pool_opts = PoolOpts::default()
         .with_constraints(constraints)
-        .with_inactive_connection_ttl(Duration::from_secs(60));
+        .with_inactive_connection_ttl(Duration::from_secs(60))
+        .with_reset_connection(false);
     OptsBuilder::default()
         .ip_or_hostname(cfg.database_host.clone())
         .tcp_port(cfg.database_port)
@@ -126,7 +134,8 @@ pub fn opts(cfg: &Config, db: Option<&str>) -> Opts {
         // driver would switch a loopback connection to the server's Unix
         // socket, bypassing the configured port (and any proxy on it).
         .prefer_socket(false)
-        .init(connection_init())
+        // `setup`, not `init`: also re-run should a connection ever be reset.
+        .setup(connection_init())
         .pool_opts(pool_opts)
         .into()
 }

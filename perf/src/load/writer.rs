@@ -233,19 +233,24 @@ pub fn log_tail(path: &Path) -> String {
 }
 
 /// What the writer's debug log says about its batches (RUST_LOG=debug):
-/// `batch queue=… size=N … duration_ms=M` and `indexed documents=N … messages=M`.
+/// `batch queue=… size=N … write_us=W publish_us=P duration_us=D` and
+/// `indexed documents=N … messages=M bulk_us=B`. A batch is "full" when it
+/// has the largest size seen (the writer's batch limit under load).
 #[derive(Debug, Default)]
 pub struct LogStats {
     pub batches: u64,
     pub batch_rows: u64,
     pub full_batches: u64,
-    pub batch_ms_total: u64,
+    pub batch_us_total: u64,
+    pub write_us_total: u64,
+    pub publish_us_total: u64,
     pub bulks: u64,
     pub bulk_docs: u64,
     pub bulk_messages: u64,
+    pub bulk_us_total: u64,
 }
 
-pub fn parse_debug_log(path: &Path, prefetch: u64) -> LogStats {
+pub fn parse_debug_log(path: &Path) -> LogStats {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let field = |line: &str, key: &str| -> Option<u64> {
         let at = line.find(&format!(" {key}="))? + key.len() + 2;
@@ -256,20 +261,24 @@ pub fn parse_debug_log(path: &Path, prefetch: u64) -> LogStats {
             .ok()
     };
     let mut s = LogStats::default();
+    let mut sizes = Vec::new();
     for line in text.lines() {
         if line.contains("batch queue=create_messages") {
             let size = field(line, "size").unwrap_or(0);
+            sizes.push(size);
             s.batches += 1;
             s.batch_rows += size;
-            if size >= prefetch {
-                s.full_batches += 1;
-            }
-            s.batch_ms_total += field(line, "duration_ms").unwrap_or(0);
+            s.batch_us_total += field(line, "duration_us").unwrap_or(0);
+            s.write_us_total += field(line, "write_us").unwrap_or(0);
+            s.publish_us_total += field(line, "publish_us").unwrap_or(0);
         } else if line.contains("indexed documents=") {
             s.bulks += 1;
             s.bulk_docs += field(line, "documents").unwrap_or(0);
             s.bulk_messages += field(line, "messages").unwrap_or(0);
+            s.bulk_us_total += field(line, "bulk_us").unwrap_or(0);
         }
     }
+    let largest = sizes.iter().copied().max().unwrap_or(0);
+    s.full_batches = sizes.iter().filter(|&&n| n == largest).count() as u64;
     s
 }

@@ -23,7 +23,7 @@
 //! (batch sizes, share of full batches, time per batch, documents per bulk).
 
 use crate::common::*;
-use crate::writer::{parse_debug_log, Writer};
+use crate::writer::{cpu_between, cpu_use, parse_debug_log, Writer};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
@@ -63,8 +63,17 @@ async fn once_in(s: &Settings, sb: &Sandbox, bin: &str, n: usize) -> Res<Value> 
     eprintln!("load: backlog of {n} published ({publish_rate:.0}/s); starting the writer");
 
     let log2 = s.out.join(format!("writer-{}-drain.log", sb.name));
+    let es_port = s
+        .es_url
+        .rsplit(':')
+        .next()
+        .unwrap_or("")
+        .trim_end_matches('/')
+        .to_string();
     let mut w = Writer::start(bin, sb, &log2)?;
     let t0 = w.started;
+    let cpu0 = cpu_use(w.pid, &es_port);
+    let (mut cpu_rows, mut cpu_docs) = (None, None);
     let agent = http_agent();
     let deadline = Instant::now() + s.timeout;
     let (mut t_first, mut t_mysql, mut t_es) = (None, None, None);
@@ -82,6 +91,7 @@ async fn once_in(s: &Settings, sb: &Sandbox, bin: &str, n: usize) -> Res<Value> 
             }
             if rows >= n as u64 {
                 t_mysql = Some(t0.elapsed());
+                cpu_rows = Some(cpu_use(w.pid, &es_port));
             }
         }
         if t_es.is_none() {
@@ -90,6 +100,7 @@ async fn once_in(s: &Settings, sb: &Sandbox, bin: &str, n: usize) -> Res<Value> 
             let docs = smol::unblock(move || es_count(&a, &url)).await?;
             if docs >= n as u64 {
                 t_es = Some(t0.elapsed());
+                cpu_docs = Some(cpu_use(w.pid, &es_port));
             }
         }
         if last_print.elapsed() > Duration::from_secs(5) {
@@ -166,6 +177,10 @@ async fn once_in(s: &Settings, sb: &Sandbox, bin: &str, n: usize) -> Res<Value> 
         "mysql_rate": n as f64 / t_mysql.as_secs_f64(),
         "es_rate": n as f64 / t_es.as_secs_f64(),
         "index_lag_end": index_lag,
+        // CPU seconds by process from the writer's start to the last row
+        // and to the last document (see writer::cpu_use).
+        "cpu_to_last_row": cpu_rows.map(|c| cpu_between(&cpu0, &c)),
+        "cpu_to_last_doc": cpu_docs.map(|c| cpu_between(&cpu0, &c)),
         "peak_rss_mib": mib(peaks.hwm_kib.max(after.hwm_kib)),
         "idle_rss_mib": mib(idle.rss_kib),
         "idle_threads": idle.threads,
@@ -253,6 +268,55 @@ pub async fn run(s: &Settings, o: &Opts, roofline: &Value) -> Res<Value> {
     }))
 }
 
+/// Who used the CPU during the drain (first repetition): seconds and cores
+/// (seconds / phase length) per process, from the writer's start to the
+/// last row and to the last document.
+fn cpu_markdown(reps: &[Value]) -> String {
+    let Some(r) = reps.first() else {
+        return String::new();
+    };
+    let phases = [
+        ("to the last row", "cpu_to_last_row", r["mysql_s"].as_f64()),
+        (
+            "to the last document",
+            "cpu_to_last_doc",
+            r["es_s"].as_f64(),
+        ),
+    ];
+    let mut md =
+        String::from("\nCPU by process during the drain (first repetition; this machine has ");
+    md.push_str(&format!(
+        "{} cores):\n\n| phase | writer | rabbitmq | mariadb | search | redis | load | anything else | machine busy |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+    ));
+    for (label, key, secs) in phases {
+        let (Some(c), Some(t)) = (r[key].as_object(), secs.filter(|t| *t > 0.0)) else {
+            continue;
+        };
+        md.push_str(&format!("| {label} ({t:.1} s) |"));
+        let groups = ["writer", "rabbitmq", "mariadb", "search", "redis", "load"];
+        let ours: f64 = groups
+            .iter()
+            .filter_map(|g| c.get(*g).and_then(Value::as_f64))
+            .sum();
+        let machine = c.get("machine").and_then(Value::as_f64);
+        let other = machine.map(|m| (m - ours).max(0.0));
+        for x in groups
+            .iter()
+            .map(|g| c.get(*g).and_then(Value::as_f64))
+            .chain([other, machine])
+        {
+            match x {
+                Some(x) => md.push_str(&format!(" {x:.1} s = {:.2} cores |", x / t)),
+                None => md.push_str(" – |"),
+            }
+        }
+        md.push('\n');
+    }
+    md.push('\n');
+    md
+}
+
 pub fn markdown(v: &Value) -> String {
     let n = v["n"].as_u64().unwrap_or(0);
     let reps = v["reps"].as_array().cloned().unwrap_or_default();
@@ -292,6 +356,7 @@ pub fn markdown(v: &Value) -> String {
         v["es_ratio"].as_f64().unwrap_or(f64::NAN) * 100.0,
         f(&v["roofline"]["index_path"]),
     ));
+    md.push_str(&cpu_markdown(&reps));
     let codes: Vec<String> = reps
         .iter()
         .map(|r| format!("{}/{}", r["exit_code_idle"], r["exit_code"]))

@@ -282,3 +282,81 @@ pub fn parse_debug_log(path: &Path) -> LogStats {
     s.full_batches = sizes.iter().filter(|&&n| n == largest).count() as u64;
     s
 }
+
+/// CPU seconds used so far by each process taking part in a run, and by the
+/// whole machine: the writer (by pid), this load generator, RabbitMQ
+/// (`beam.smp`), MariaDB (`mariadbd`), Redis (`redis-server`) and the
+/// search server (`osmem-server` processes whose command line names
+/// `es_port`). Two readings give who used the CPU in between: on a 2-core
+/// machine shared by all of them, this says whether a rate was bounded by
+/// CPU (machine busy ≈ 2 cores) or by latency.
+#[derive(Clone, Debug, Default)]
+pub struct CpuUse {
+    pub by: std::collections::BTreeMap<&'static str, f64>,
+    /// Busy time of all cores together (`/proc/stat`: all but idle and iowait).
+    pub machine_busy_s: f64,
+}
+
+pub fn cpu_use(writer_pid: u32, es_port: &str) -> CpuUse {
+    let ticks = clock_ticks();
+    let mut u = CpuUse::default();
+    let own = std::process::id();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.filter_map(|e| e.ok()) {
+            let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else {
+                continue;
+            };
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            let group = match comm.trim() {
+                _ if pid == writer_pid => "writer",
+                _ if pid == own => "load",
+                "beam.smp" => "rabbitmq",
+                "mariadbd" | "mysqld" => "mariadb",
+                "redis-server" => "redis",
+                "osmem-server" => {
+                    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                    if !String::from_utf8_lossy(&cmd).contains(&format!(":{es_port}")) {
+                        continue;
+                    }
+                    "search"
+                }
+                _ => continue,
+            };
+            if let Some(s) = snapshot(pid, ticks) {
+                *u.by.entry(group).or_default() += s.cpu_s;
+            }
+        }
+    }
+    if let Ok(stat) = std::fs::read_to_string("/proc/stat") {
+        if let Some(cpu) = stat.lines().next() {
+            let f: Vec<f64> = cpu
+                .split_whitespace()
+                .skip(1)
+                .filter_map(|v| v.parse().ok())
+                .collect();
+            if f.len() >= 5 {
+                let total: f64 = f.iter().take(8).sum();
+                u.machine_busy_s = (total - f[3] - f[4]) / ticks;
+            }
+        }
+    }
+    u
+}
+
+/// `later − earlier` per group, as JSON `{group: seconds, …, "machine": s}`.
+pub fn cpu_between(earlier: &CpuUse, later: &CpuUse) -> serde_json::Value {
+    let mut m = serde_json::Map::new();
+    for (k, v) in &later.by {
+        let d = v - earlier.by.get(k).copied().unwrap_or(0.0);
+        m.insert(
+            (*k).to_string(),
+            serde_json::json!((d * 100.0).round() / 100.0),
+        );
+    }
+    let d = later.machine_busy_s - earlier.machine_busy_s;
+    m.insert(
+        "machine".into(),
+        serde_json::json!((d * 100.0).round() / 100.0),
+    );
+    serde_json::Value::Object(m)
+}

@@ -12,7 +12,8 @@
 #                   per-message INSERT, _bulk, Redis pipeline), median of reps
 #        backlog    N create_messages pre-published, writer started, time to
 #                   the last row and document; idle RSS, peak RSS, RSS after
-#                   the drain, CPU per 10k, threads, sockets; ratio to roofline
+#                   the drain, CPU per 10k, threads, sockets; ratio to roofline;
+#                   CPU by process; then the same drain with indexing off
 #        steady     R msgs/s for T s: publish->row and publish->document
 #                   latency p50/p99/max, per-second series and a PNG plot
 #        binary     size of the stripped static binary
@@ -99,7 +100,7 @@ if [[ ! -f "$FONT" ]]; then
     echo "warning: no font; the PNG will be skipped" >&2
 fi
 mkdir -p "$OUT"
-rm -f "$OUT"/*.md "$OUT"/*.json "$OUT"/*.png "$OUT"/writer-*.log
+rm -rf "$OUT"/*.md "$OUT"/*.json "$OUT"/*.png "$OUT"/writer-*.log "$OUT"/mysql-only
 PORT=""
 for p in $(seq 19250 19349); do
   if ! tcp_up 127.0.0.1 "$p"; then PORT=$p; break; fi
@@ -120,6 +121,13 @@ say "roofline (n $ROOF_N, $REPS repetitions)"
 
 say "backlog drain of $N messages ($REPS repetitions)"
 "${L[@]}" backlog --writer "$WRITER" -n "$N" --reps "$REPS" --roofline "$OUT/roofline.json" >/dev/null
+
+say "backlog drain of $N messages with indexing off (the MySQL path alone)"
+"${L[@]}" --out "$OUT/mysql-only" backlog --writer "$WRITER" -n "$N" --reps "$REPS" \
+  --roofline "$OUT/roofline.json" --writer-env ELASTICSEARCH_URL= >/dev/null
+{ echo "#### The same drain with indexing off (\`ELASTICSEARCH_URL=\`): the MySQL path alone, as the roofline measures it"
+  sed '1d' "$OUT/mysql-only/backlog.md"; } >"$OUT/backlog-mysql-only.md"
+cp "$OUT/mysql-only/backlog.json" "$OUT/backlog-mysql-only.json"
 
 say "steady $RATE msgs/s for $SECS s"
 "${L[@]}" steady --writer "$WRITER" --rate "$RATE" --secs "$SECS" --font "$FONT" >/dev/null
@@ -169,16 +177,16 @@ printf '{"bytes": %s, "mib": %s, "linkage": "%s"}\n' "$SIZE" \
   echo "load average at the end $(cut -d' ' -f1-3 /proc/loadavg); command: \`perf/run.sh${QUICK:+ --quick}\`."
   echo "Services on the same machine: MariaDB, RabbitMQ, Redis, osmem-server ($ES_URL)."
   echo
-  for part in roofline backlog steady debug-backlog memory ab binary; do
+  for part in roofline backlog backlog-mysql-only steady debug-backlog memory ab binary; do
     [[ -f "$OUT/$part.md" ]] && { cat "$OUT/$part.md"; echo; }
   done
 } >"$OUT/report.md"
 {
   echo "{"
   sep=""
-  for part in roofline backlog steady memory ab binary; do
+  for part in roofline backlog backlog-mysql-only steady memory ab binary; do
     if [[ -f "$OUT/$part.json" ]]; then
-      printf '%s"%s": ' "$sep" "$part"; cat "$OUT/$part.json"; sep=","
+      printf '%s"%s": ' "$sep" "${part//-/_}"; cat "$OUT/$part.json"; sep=","
     fi
   done
   echo "}"

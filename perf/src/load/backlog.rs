@@ -348,14 +348,20 @@ pub fn markdown(v: &Value) -> String {
     let f = |x: &Value| fmt_num(x.as_f64().unwrap_or(f64::NAN));
     md.push_str(&format!(
         "\n**Writer vs roofline (same run):** MySQL {} msgs/s = **{:.0}%** of the MySQL path ceiling {} msgs/s \
-         (min of broker drain, multi-row insert); index {} docs/s = **{:.0}%** of the `_bulk` ceiling {} docs/s.\n",
+         (min of broker drain, multi-row insert)",
         f(&v["median"]["mysql_rate"]),
         v["mysql_ratio"].as_f64().unwrap_or(f64::NAN) * 100.0,
         f(&v["roofline"]["mysql_path"]),
-        f(&v["median"]["es_rate"]),
-        v["es_ratio"].as_f64().unwrap_or(f64::NAN) * 100.0,
-        f(&v["roofline"]["index_path"]),
     ));
+    match v["es_ratio"].as_f64().filter(|r| r.is_finite()) {
+        Some(ratio) => md.push_str(&format!(
+            "; index {} docs/s = **{:.0}%** of the `_bulk` ceiling {} docs/s.\n",
+            f(&v["median"]["es_rate"]),
+            ratio * 100.0,
+            f(&v["roofline"]["index_path"]),
+        )),
+        None => md.push_str("; indexing off.\n"),
+    }
     md.push_str(&cpu_markdown(&reps));
     let codes: Vec<String> = reps
         .iter()

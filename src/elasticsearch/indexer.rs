@@ -29,7 +29,7 @@ use std::time::Duration;
 /// `_bulk` takes every message received, up to the prefetch.
 pub const PREFETCH: u16 = 48;
 /// About this many bytes of index messages are held unacked: the prefetch
-/// is this divided by the mean message size (within 4..=256). Under a steady rate each
+/// is this divided by the mean message size. Under a steady rate each
 /// message holds a small batch (a few documents) and `_bulk` costs per
 /// request, so a fixed prefetch of 48 (24 per `_bulk`) fell behind at
 /// 2,000 msgs/s and the lag grew; in a backlog each message holds up to a
@@ -40,10 +40,8 @@ pub const PREFETCH: u16 = 48;
 pub const BUFFER_BYTES: usize = 1 << 20;
 /// Bounds of the adjusted prefetch.
 pub const PREFETCH_MIN: u16 = 4;
-/// Bounds of the adjusted prefetch. The upper one also bounds what a
-/// sudden change from small to large index messages can bring in before
-/// the prefetch follows: 256 × `encoder::MAX_MESSAGE_BYTES` (64 KiB).
-pub const PREFETCH_MAX: u16 = 256;
+/// Bounds of the adjusted prefetch.
+pub const PREFETCH_MAX: u16 = 1024;
 
 /// The prefetch that holds about [`BUFFER_BYTES`] of index messages of
 /// `mean_bytes` each, within [`PREFETCH_MIN`]..=[`PREFETCH_MAX`].
@@ -304,8 +302,9 @@ mod tests {
     #[test]
     fn prefetch_follows_the_message_size() {
         // A steady rate: batches of a few documents, ~1.5 KB per message.
-        assert_eq!(adjusted_prefetch(1_500.0), PREFETCH_MAX);
-        assert_eq!(adjusted_prefetch(8_000.0), 131);
+        assert_eq!(adjusted_prefetch(1_500.0), 699);
+        assert_eq!(adjusted_prefetch(2_000.0), 524);
+        assert_eq!(adjusted_prefetch(500.0), PREFETCH_MAX);
         // A backlog: full batches of 128 documents, ~38 KB per message.
         assert_eq!(adjusted_prefetch(38_000.0), 27);
         // Messages at the 1 MiB cap: 1 fits the budget; the floor is 4.

@@ -7,8 +7,6 @@
 //! and acked the broker can already deliver the next. A batch is settled with one `multiple` ack of
 //! its last delivery tag (the channel is this consumer's own, and batches
 //! are settled in order, so every earlier tag belongs to a settled batch).
-//! The index queue's consumer is opened adjustable instead: its prefetch
-//! follows the size of its messages and a batch may take all of it.
 
 use crate::shutdown::Shutdown;
 use lapin::message::Delivery;
@@ -38,8 +36,7 @@ enum Wait {
 /// One queue's consumer on its own channel.
 pub struct BatchConsumer {
     queue: String,
-    channel: Channel,
-    prefetch: u16,
+    _channel: Channel,
     consumer: Consumer,
     max: usize,
     /// A failure seen while filling a batch, reported on the next call.
@@ -69,67 +66,11 @@ impl BatchConsumer {
             .await?;
         Ok(BatchConsumer {
             queue: queue.to_string(),
-            channel,
-            prefetch,
+            _channel: channel,
             consumer,
             max: usize::from(prefetch).div_ceil(2),
             failed: None,
         })
-    }
-
-    /// Like [`BatchConsumer::open`], but for a prefetch changed while
-    /// consuming ([`BatchConsumer::set_prefetch`]): the limit is the
-    /// channel's (`basic.qos` with `global = true`, which RabbitMQ applies
-    /// to the consumers of the channel, here this one alone, and which a
-    /// later `basic.qos` changes at once; a per-consumer limit is fixed at
-    /// `basic.consume`), and a batch takes every delivery received, up to
-    /// the whole prefetch.
-    pub async fn open_adjustable(
-        conn: &Connection,
-        queue: &str,
-        prefetch: u16,
-    ) -> lapin::Result<BatchConsumer> {
-        let channel = conn.create_channel().await?;
-        channel
-            .basic_qos(prefetch, BasicQosOptions { global: true })
-            .await?;
-        let tag = format!("chat-writer.{queue}.{}", std::process::id());
-        let consumer = channel
-            .basic_consume(
-                queue.into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        Ok(BatchConsumer {
-            queue: queue.to_string(),
-            channel,
-            prefetch,
-            consumer,
-            max: usize::from(prefetch),
-            failed: None,
-        })
-    }
-
-    /// The current prefetch.
-    pub fn prefetch(&self) -> u16 {
-        self.prefetch
-    }
-
-    /// Changes the prefetch of a consumer opened with
-    /// [`BatchConsumer::open_adjustable`] (`basic.qos`, `global = true`);
-    /// batches then take up to `prefetch` deliveries. Deliveries already
-    /// received stay. Errors: the channel is gone.
-    pub async fn set_prefetch(&mut self, prefetch: u16) -> Result<(), String> {
-        let prefetch = prefetch.max(1);
-        self.channel
-            .basic_qos(prefetch, BasicQosOptions { global: true })
-            .await
-            .map_err(|e| format!("basic.qos on {}: {e}", self.queue))?;
-        self.prefetch = prefetch;
-        self.max = usize::from(prefetch);
-        Ok(())
     }
 
     /// The queue name.

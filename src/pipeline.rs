@@ -362,6 +362,21 @@ fn fate(o: Outcome, parent: &'static str) -> Fate {
     }
 }
 
+/// How long a MySQL attempt already running when shutdown comes may still
+/// take (CONTRACT section 6: the batch already taken is finished and acked).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+impl Context {
+    /// Waits for `f` up to [`SHUTDOWN_GRACE`]: `Some` if it finished.
+    async fn shutdown_grace<T>(&self, f: impl Future<Output = T>) -> Option<T> {
+        smol::future::or(async { Some(f.await) }, async {
+            async_io::Timer::after(SHUTDOWN_GRACE).await;
+            None
+        })
+        .await
+    }
+}
+
 /// One MySQL attempt may take this long before it counts as failed (a
 /// server or network that stopped answering would otherwise hang the
 /// consumer without a word). Longer than InnoDB's default lock wait (50 s).
@@ -369,9 +384,10 @@ const MYSQL_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Runs a MySQL write until it succeeds, backing off on infrastructure
 /// faults (the only errors the store returns) and on attempts that take
-/// over [`MYSQL_ATTEMPT_TIMEOUT`]. Stops at once on shutdown, abandoning
-/// the attempt in flight: nothing of the batch is acked, so it is
-/// redelivered and written again idempotently.
+/// over [`MYSQL_ATTEMPT_TIMEOUT`]. On shutdown, the attempt in flight may
+/// finish within [`SHUTDOWN_GRACE`] (its batch is then settled and acked);
+/// past it, or while backing off, it stops: nothing of the batch is acked,
+/// so it is redelivered and written again idempotently.
 async fn retry_in_place<T, F, Fut>(
     ctx: &Context,
     queue: &str,
@@ -387,7 +403,17 @@ where
             async_io::Timer::after(MYSQL_ATTEMPT_TIMEOUT).await;
             None
         });
-        let error = match ctx.shutdown.race(attempt).await {
+        let mut attempt = std::pin::pin!(attempt);
+        let outcome = match ctx.shutdown.race(attempt.as_mut()).await {
+            Some(outcome) => Some(outcome),
+            // Shutdown while the attempt runs: the batch is taken, so the
+            // attempt may finish (a healthy write takes milliseconds) and
+            // the batch be acked, rather than leave a committed batch
+            // unacked; a server that does not answer within the grace is
+            // abandoned (the batch is redelivered, idempotently).
+            None => ctx.shutdown_grace(attempt.as_mut()).await,
+        };
+        let error = match outcome {
             None => return Err(Interrupted),
             Some(Some(Ok(v))) => {
                 if backoff.attempts() > 0 {

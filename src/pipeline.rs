@@ -366,15 +366,13 @@ fn fate(o: Outcome, parent: &'static str) -> Fate {
 /// take (CONTRACT section 6: the batch already taken is finished and acked).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
-impl Context {
-    /// Waits for `f` up to [`SHUTDOWN_GRACE`]: `Some` if it finished.
-    async fn shutdown_grace<T>(&self, f: impl Future<Output = T>) -> Option<T> {
-        smol::future::or(async { Some(f.await) }, async {
-            async_io::Timer::after(SHUTDOWN_GRACE).await;
-            None
-        })
-        .await
-    }
+/// Waits for `f` up to [`SHUTDOWN_GRACE`]: `Some` if it finished.
+async fn within_grace<T>(f: impl Future<Output = T>) -> Option<T> {
+    smol::future::or(async { Some(f.await) }, async {
+        async_io::Timer::after(SHUTDOWN_GRACE).await;
+        None
+    })
+    .await
 }
 
 /// One MySQL attempt may take this long before it counts as failed (a
@@ -411,7 +409,7 @@ where
             // the batch be acked, rather than leave a committed batch
             // unacked; a server that does not answer within the grace is
             // abandoned (the batch is redelivered, idempotently).
-            None => ctx.shutdown_grace(attempt.as_mut()).await,
+            None => within_grace(attempt.as_mut()).await,
         };
         let error = match outcome {
             None => return Err(Interrupted),

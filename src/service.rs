@@ -243,7 +243,7 @@ async fn generation(
             spawn(Box::pin(async move { pipeline::run(&ctx, consumer).await }));
         }
         if let Some(client) = es {
-            let consumer = BatchConsumer::open(&conn, INDEX_QUEUE, indexer::PREFETCH)
+            let consumer = BatchConsumer::open_adjustable(&conn, INDEX_QUEUE, indexer::PREFETCH)
                 .await
                 .map_err(|e| format!("consume {INDEX_QUEUE}: {e}"))?;
             spawn(Box::pin(indexer::run(

@@ -7,13 +7,18 @@
 //! and acked the broker can already deliver the next. A batch is settled with one `multiple` ack of
 //! its last delivery tag (the channel is this consumer's own, and batches
 //! are settled in order, so every earlier tag belongs to a settled batch).
+//! The index queue's consumer is opened adjustable instead: a batch may
+//! take all of its prefetch, and the prefetch follows the size of its
+//! messages (a per-consumer limit, changed by cancelling and consuming
+//! again on the same channel, so nothing unacked is given back).
 
 use crate::shutdown::Shutdown;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
 use smol::stream::StreamExt;
+use std::collections::VecDeque;
 use std::time::Duration;
 
 /// What [`BatchConsumer::next`] found.
@@ -36,41 +41,129 @@ enum Wait {
 /// One queue's consumer on its own channel.
 pub struct BatchConsumer {
     queue: String,
-    _channel: Channel,
+    channel: Channel,
+    /// The consumer tag; `set_prefetch` consumes again under `<tag>.<n>`.
+    tag: String,
+    /// How many times the consumer was re-opened by `set_prefetch`.
+    reopened: u32,
+    prefetch: u16,
     consumer: Consumer,
     max: usize,
+    /// Deliveries the consumer had received when `set_prefetch` cancelled
+    /// it: still unacked on this channel, handed out first (their tags are
+    /// lower than any the new consumer gets).
+    carried: VecDeque<Delivery>,
     /// A failure seen while filling a batch, reported on the next call.
     failed: Option<String>,
 }
 
 impl BatchConsumer {
-    /// Opens a channel with `basic.qos(prefetch)` and starts consuming
-    /// `queue` (manual acks).
+    /// Opens a channel with a per-consumer `basic.qos(prefetch)` and starts
+    /// consuming `queue` (manual acks); a batch takes up to half the
+    /// prefetch (rounded up).
     pub async fn open(
         conn: &Connection,
         queue: &str,
         prefetch: u16,
     ) -> lapin::Result<BatchConsumer> {
+        let mut c = Self::open_adjustable(conn, queue, prefetch).await?;
+        c.max = usize::from(prefetch).div_ceil(2);
+        Ok(c)
+    }
+
+    /// Like [`BatchConsumer::open`], but a batch takes every delivery
+    /// received, up to the whole prefetch, and the prefetch can be changed
+    /// while consuming ([`BatchConsumer::set_prefetch`]).
+    pub async fn open_adjustable(
+        conn: &Connection,
+        queue: &str,
+        prefetch: u16,
+    ) -> lapin::Result<BatchConsumer> {
         let channel = conn.create_channel().await?;
+        let prefetch = prefetch.max(1);
+        // Per consumer (`global = false`): a channel-wide limit is refused
+        // on quorum queues (540 NOT_IMPLEMENTED, closing the connection)
+        // and deprecated in RabbitMQ 4.
         channel
             .basic_qos(prefetch, BasicQosOptions::default())
             .await?;
         let tag = format!("chat-writer.{queue}.{}", std::process::id());
-        let consumer = channel
-            .basic_consume(
-                queue.into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        let consumer = consume(&channel, queue, &tag).await?;
         Ok(BatchConsumer {
             queue: queue.to_string(),
-            _channel: channel,
+            channel,
+            tag,
+            reopened: 0,
+            prefetch,
             consumer,
-            max: usize::from(prefetch).div_ceil(2),
+            max: usize::from(prefetch),
+            carried: VecDeque::new(),
             failed: None,
         })
+    }
+
+    /// The current prefetch.
+    pub fn prefetch(&self) -> u16 {
+        self.prefetch
+    }
+
+    /// Changes the prefetch of a consumer opened with
+    /// [`BatchConsumer::open_adjustable`]; batches then take up to
+    /// `prefetch` deliveries. A per-consumer limit is fixed when the
+    /// consumer starts, so this sets `basic.qos` for the channel's next
+    /// consumer, cancels the current one (`basic.cancel`, waiting for
+    /// `cancel-ok`), keeps the deliveries it had received (unacked, handed
+    /// out before any new one) and consumes again: three round trips to the
+    /// broker. Nothing returns to the queue.
+    ///
+    /// Errors: the channel is gone, or the cancelled consumer's stream did
+    /// not end within 5 s; the caller reconnects (unacked deliveries return
+    /// to the queue).
+    pub async fn set_prefetch(&mut self, prefetch: u16) -> Result<(), String> {
+        let prefetch = prefetch.max(1);
+        if prefetch == self.prefetch {
+            return Ok(());
+        }
+        let queue = self.queue.clone();
+        let fail = |what: &str, e: &dyn std::fmt::Display| format!("{what} on {queue}: {e}");
+        self.channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .map_err(|e| fail("basic.qos", &e))?;
+        let current = self.current_tag();
+        self.channel
+            .basic_cancel(current.as_str().into(), BasicCancelOptions::default())
+            .await
+            .map_err(|e| fail("basic.cancel", &e))?;
+        // lapin ends the stream once cancel-ok is in, after the deliveries
+        // already received: keep them.
+        loop {
+            let next = smol::future::or(async { Some(self.consumer.next().await) }, async {
+                async_io::Timer::after(Duration::from_secs(5)).await;
+                None
+            })
+            .await;
+            match next {
+                Some(Some(Ok(d))) => self.carried.push_back(d),
+                Some(None) => break,
+                Some(Some(Err(e))) => return Err(fail("cancelled consumer", &e)),
+                None => return Err(fail("cancelled consumer", &"no end within 5 s")),
+            }
+        }
+        self.reopened += 1;
+        self.consumer = consume(&self.channel, &self.queue, &self.current_tag())
+            .await
+            .map_err(|e| fail("basic.consume", &e))?;
+        self.prefetch = prefetch;
+        self.max = usize::from(prefetch);
+        Ok(())
+    }
+
+    fn current_tag(&self) -> String {
+        match self.reopened {
+            0 => self.tag.clone(),
+            n => format!("{}.{n}", self.tag),
+        }
     }
 
     /// The queue name.
@@ -110,37 +203,20 @@ impl BatchConsumer {
         if shutdown.is_triggered() {
             return Ok(Next::Shutdown);
         }
-        let idle_timer = async {
-            match idle {
-                Some(d) => {
-                    async_io::Timer::after(d).await;
-                }
-                None => std::future::pending::<()>().await,
-            }
-            Wait::Idle
-        };
-        let shutdown_wait = async {
-            shutdown.wait().await;
-            Wait::Shutdown
-        };
-        let delivery = async { Wait::Delivery(self.consumer.next().await) };
-        let first = match smol::future::or(delivery, smol::future::or(shutdown_wait, idle_timer))
-            .await
-        {
-            Wait::Shutdown => return Ok(Next::Shutdown),
-            Wait::Idle => return Ok(Next::Idle),
-            Wait::Delivery(None) => {
-                return Err(format!(
-                    "consumer of {} was cancelled or its channel closed",
-                    self.queue
-                ))
-            }
-            Wait::Delivery(Some(Err(e))) => return Err(format!("consumer of {}: {e}", self.queue)),
-            Wait::Delivery(Some(Ok(d))) => d,
+        let first = match self.carried.pop_front() {
+            Some(d) => d,
+            None => match self.wait_first(shutdown, idle).await? {
+                Ok(d) => d,
+                Err(next) => return Ok(next),
+            },
         };
         let mut batch = Vec::with_capacity(self.max.min(64));
         batch.push(first);
         while batch.len() < self.max {
+            if let Some(d) = self.carried.pop_front() {
+                batch.push(d);
+                continue;
+            }
             match smol::future::poll_once(self.consumer.next()).await {
                 Some(Some(Ok(d))) => batch.push(d),
                 None => break,
@@ -161,6 +237,39 @@ impl BatchConsumer {
         Ok(Next::Batch(batch))
     }
 
+    /// Waits for the stream's next delivery: `Ok(Err(_))` for shutdown or
+    /// idle, `Err` for a failed or cancelled consumer.
+    async fn wait_first(
+        &mut self,
+        shutdown: &Shutdown,
+        idle: Option<Duration>,
+    ) -> Result<Result<Delivery, Next>, String> {
+        let idle_timer = async {
+            match idle {
+                Some(d) => {
+                    async_io::Timer::after(d).await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+            Wait::Idle
+        };
+        let shutdown_wait = async {
+            shutdown.wait().await;
+            Wait::Shutdown
+        };
+        let delivery = async { Wait::Delivery(self.consumer.next().await) };
+        match smol::future::or(delivery, smol::future::or(shutdown_wait, idle_timer)).await {
+            Wait::Shutdown => Ok(Err(Next::Shutdown)),
+            Wait::Idle => Ok(Err(Next::Idle)),
+            Wait::Delivery(None) => Err(format!(
+                "consumer of {} was cancelled or its channel closed",
+                self.queue
+            )),
+            Wait::Delivery(Some(Err(e))) => Err(format!("consumer of {}: {e}", self.queue)),
+            Wait::Delivery(Some(Ok(d))) => Ok(Ok(d)),
+        }
+    }
+
     /// Acks every delivery up to and including `last` (`multiple = true`).
     ///
     /// Errors: the channel is gone; the deliveries return to the queue and
@@ -172,4 +281,16 @@ impl BatchConsumer {
             .map(|_| ())
             .map_err(|e| format!("ack on {}: {e}", self.queue))
     }
+}
+
+/// `basic.consume` of `queue` under `tag` (manual acks).
+async fn consume(channel: &Channel, queue: &str, tag: &str) -> lapin::Result<Consumer> {
+    channel
+        .basic_consume(
+            queue.into(),
+            tag.into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
 }

@@ -62,11 +62,13 @@ pub fn push_document(out: &mut Vec<u8>, row: &MessageRow) {
     out.push(b'\n');
 }
 
-/// Largest index message (and backfill chunk) body, in bytes: a batch's
-/// documents are cut into several messages above it, so no broker
-/// `max_message_size` (16 MiB by default in RabbitMQ 4) is ever reached and
-/// the indexer's prefetch holds a bounded amount of memory.
-pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
+/// Largest index message body, in bytes: a batch's documents are cut into
+/// several messages above it (a full batch of 128 ordinary messages, ~40
+/// KB, stays one), so no broker `max_message_size` is ever reached and the
+/// indexer's prefetch (at most `indexer::PREFETCH_MAX` messages) holds at
+/// most about 16 MiB even when the sizes change faster than the prefetch
+/// follows them. A single document larger than this gets a message of its own.
+pub const MAX_MESSAGE_BYTES: usize = 64 << 10;
 
 /// Encodes `rows` into bulk bodies of at most [`MAX_MESSAGE_BYTES`] each
 /// (one document larger than that gets a body of its own).

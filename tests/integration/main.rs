@@ -13,6 +13,7 @@ mod harness;
 mod mysql_session;
 mod ops;
 mod outages;
+mod prefetch;
 mod recovery;
 mod retries;
 mod shutdown;

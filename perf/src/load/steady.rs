@@ -175,10 +175,13 @@ async fn once_in(s: &Settings, sb: &Sandbox, o: &Opts) -> Res<Value> {
         let (s2, db, sh) = (s.clone(), sb.name.clone(), sh.clone());
         std::thread::spawn(move || mysql_observer(s2, db, keys, sh))
     };
-    let t_es = {
+    // With indexing off (`--writer-env ELASTICSEARCH_URL=`) only rows are
+    // observed: the MySQL path alone.
+    let indexing = sb.indexing();
+    let t_es = indexing.then(|| {
         let (url, sh) = (sb.index_url(), sh.clone());
         std::thread::spawn(move || es_observer(url, ids, sh))
-    };
+    });
     smol::Timer::after(Duration::from_millis(100)).await;
 
     eprintln!("load: steady {} msgs/s for {} s", o.rate, o.secs);
@@ -205,13 +208,15 @@ async fn once_in(s: &Settings, sb: &Sandbox, o: &Opts) -> Res<Value> {
     // Wait for the stragglers.
     let deadline = Instant::now() + Duration::from_secs(30).min(s.timeout);
     let all = |v: &[AtomicU64]| v.iter().all(|x| x.load(Ordering::Relaxed) != 0);
-    while Instant::now() < deadline && !(all(&sh.row_us) && all(&sh.doc_us)) {
+    while Instant::now() < deadline && !(all(&sh.row_us) && (!indexing || all(&sh.doc_us))) {
         w.check_alive()?;
         smol::Timer::after(Duration::from_millis(50)).await;
     }
     sh.stop.store(true, Ordering::Relaxed);
     let _ = t_mysql.join();
-    let _ = t_es.join();
+    if let Some(t) = t_es {
+        let _ = t.join();
+    }
     let _ = p.channel.close(200, "OK".into()).await;
     let _ = conn.close(200, "OK".into()).await;
     let snap = w.snap().unwrap_or_default();
@@ -297,7 +302,8 @@ async fn once_in(s: &Settings, sb: &Sandbox, o: &Opts) -> Res<Value> {
         "achieved_publish_rate": n as f64 / publish_s,
         "max_publish_backlog": max_behind,
         "row": summary(&row_lat),
-        "doc": summary(&doc_lat),
+        "indexing": indexing,
+        "doc": if indexing { summary(&doc_lat) } else { Value::Null },
         "cpu_s_per_10k": (snap.cpu_s - cpu0) / n as f64 * 10_000.0,
         "peak_rss_mib": peaks.hwm_kib.max(snap.hwm_kib) as f64 / 1024.0,
         "max_threads": peaks.threads,
@@ -321,6 +327,10 @@ pub fn markdown(v: &Value, png: Option<&str>) -> String {
         ("row", "publish → row in MySQL"),
         ("doc", "publish → document in the index"),
     ] {
+        if v[k].is_null() {
+            md.push_str(&format!("| {label} | indexing off | | | |\n"));
+            continue;
+        }
         md.push_str(&format!(
             "| {label} | {} | {} | {} | {} |\n",
             f(&v[k]["p50_ms"]),

@@ -10,6 +10,7 @@
 //! into its set. At start-up and every COUNT_RECONCILE_INTERVAL the counters
 //! are also found with `SCAN` (never `KEYS`) and written the same way.
 
+use crate::metrics::{self, SyncKind, SyncKindLabel, SyncLabels, SyncResult};
 use crate::mysql::Store;
 use crate::redis_store::{Redis, CHAT_CHANGES, MESSAGE_CHANGES};
 use crate::shutdown::Shutdown;
@@ -241,7 +242,9 @@ pub async fn run(
     loop {
         if Instant::now() >= next_reconcile {
             let t = Instant::now();
-            match sync.reconcile().await {
+            let r = sync.reconcile().await;
+            record(SyncKind::reconcile, &r, t);
+            match r {
                 Ok(s) => {
                     next_reconcile = Instant::now() + reconcile_every;
                     log::info!(
@@ -255,7 +258,9 @@ pub async fn run(
             }
         }
         let t = Instant::now();
-        match sync.sync_changes().await {
+        let r = sync.sync_changes().await;
+        record(SyncKind::changes, &r, t);
+        match r {
             Ok(s) if s.counters > 0 => log::info!(
                 "count sync: counters={} rows_changed={} duration_ms={}",
                 s.counters,
@@ -269,4 +274,23 @@ pub async fn run(
             return;
         }
     }
+}
+
+/// Counts a sync run in the metrics (runs by kind and result, rows
+/// changed, duration).
+fn record(kind: SyncKind, r: &Result<SyncStats, String>, started: Instant) {
+    let m = metrics::get();
+    let result = match r {
+        Ok(s) => {
+            m.count_sync_rows.inc_by(s.rows_changed);
+            SyncResult::ok
+        }
+        Err(_) => SyncResult::error,
+    };
+    m.count_sync_runs
+        .get_or_create(&SyncLabels { kind, result })
+        .inc();
+    m.count_sync_duration
+        .get_or_create(&SyncKindLabel { kind })
+        .observe(started.elapsed().as_secs_f64());
 }

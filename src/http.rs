@@ -1,7 +1,12 @@
-//! The HTTP endpoint for health checks (CONTRACT section 1).
+//! The HTTP endpoint for health checks and metrics (CONTRACT section 1,
+//! issue 5).
 //!
 //! `GET /healthz` answers `200 ok` from a task on the writer's executor, so
 //! an answer proves the process is alive and its executor is turning.
+//! `GET /readyz` answers `200 ready` only while connected to RabbitMQ and
+//! MySQL and consuming, else `503` with the reason in one line
+//! ([`crate::metrics::readiness`]). `GET /metrics` is the OpenMetrics text
+//! exposition of [`crate::metrics`].
 //! `chat-writer healthcheck` asks it and exits 0 or 1, because a scratch
 //! image has no curl. The server reads one request line per connection and
 //! closes it; it is not a general HTTP server.
@@ -10,6 +15,10 @@ use async_io::{Async, Timer};
 use smol::io::{AsyncReadExt, AsyncWriteExt};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::time::Duration;
+
+/// Content type of `/metrics`: the OpenMetrics text format, which
+/// Prometheus scrapes natively.
+pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Default of HTTP_ADDR.
 pub const DEFAULT_ADDR: &str = "0.0.0.0:9464";
@@ -82,13 +91,24 @@ async fn answer(mut stream: Async<TcpStream>) {
         .unwrap_or("");
     let mut parts = line.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (status, body) = match (method, path) {
-        ("GET" | "HEAD", "/healthz") => ("200 OK", "ok\n"),
-        ("GET" | "HEAD", _) => ("404 Not Found", "not found\n"),
-        _ => ("405 Method Not Allowed", "method not allowed\n"),
+    // The path without a query string (`/metrics?x=y` is `/metrics`).
+    let path = path.split('?').next().unwrap_or("");
+    let mut content_type = "text/plain; charset=utf-8";
+    let (status, body): (&str, std::borrow::Cow<'static, str>) = match (method, path) {
+        ("GET" | "HEAD", "/healthz") => ("200 OK", "ok\n".into()),
+        ("GET" | "HEAD", "/readyz") => match crate::metrics::readiness() {
+            Ok(()) => ("200 OK", "ready\n".into()),
+            Err(reason) => ("503 Service Unavailable", format!("{reason}\n").into()),
+        },
+        ("GET" | "HEAD", "/metrics") => {
+            content_type = METRICS_CONTENT_TYPE;
+            ("200 OK", crate::metrics::get().encode().into())
+        }
+        ("GET" | "HEAD", _) => ("404 Not Found", "not found\n".into()),
+        _ => ("405 Method Not Allowed", "method not allowed\n".into()),
     };
     let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
     let _ = stream.write_all(head.as_bytes()).await;

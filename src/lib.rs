@@ -16,7 +16,8 @@
 //! | AMQP connection, topology, consumers, republishing | [`amqp`] |
 //! | the batch pipeline of the work queues | [`pipeline`] |
 //! | supervision and shutdown sequence | [`service`], [`shutdown`] |
-//! | health endpoint and `healthcheck` | [`http`] |
+//! | HTTP endpoint (`/healthz`, `/readyz`, `/metrics`), `healthcheck` | [`http`] |
+//! | metrics, readiness, probes and the summary log line | [`metrics`], [`monitor`] |
 //! | backoff, timestamps | [`backoff`], [`time`] |
 
 #![warn(missing_docs)]
@@ -27,6 +28,8 @@ pub mod config;
 pub mod count_sync;
 pub mod elasticsearch;
 pub mod http;
+pub mod metrics;
+pub mod monitor;
 pub mod mysql;
 pub mod payload;
 pub mod pipeline;

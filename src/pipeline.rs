@@ -19,10 +19,13 @@
 //! and returns to the queue when the channel closes.
 
 use crate::amqp::consumer::BatchConsumer;
-use crate::amqp::republish::{failure_properties, persistent, retry_count, Outgoing, Republisher};
+use crate::amqp::republish::{
+    failure_properties, headers_of, persistent, retry_count, Outgoing, Republisher,
+};
 use crate::amqp::{dead_letter_queue, retry_queue, INDEX_QUEUE};
 use crate::backoff::Backoff;
 use crate::elasticsearch::encoder::encode_bodies;
+use crate::metrics::{self, Dependency, Metrics};
 use crate::mysql::{classify, MessageRow, Outcome, Store};
 use crate::payload::{CreateChat, CreateMessage, Malformed, UpdateMessage};
 use crate::redis_store::{MarkerSender, Markers};
@@ -30,9 +33,14 @@ use crate::shutdown::Shutdown;
 use crate::time::{created_at, now_micros, Micros};
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
+use lapin::types::AMQPValue;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
+
+/// Header of an index message: when its batch was committed to MySQL,
+/// microseconds since the epoch (integer), for `chat_writer_index_lag_seconds`.
+pub const COMMITTED_US_HEADER: &str = "x-committed-us";
 
 /// What every consumer shares.
 pub struct Context {
@@ -67,6 +75,12 @@ pub async fn run(ctx: &Context, mut consumer: BatchConsumer) -> Result<(), Strin
             let Some(batch) = taken? else {
                 return Ok(None);
             };
+            let m = metrics::get();
+            let label = Metrics::queue(queue);
+            m.received.get_or_create(&label).inc_by(batch.len() as u64);
+            m.batch_size
+                .get_or_create(&label)
+                .observe(batch.len() as f64);
             match write_batch(ctx, queue, &batch).await {
                 Ok(written) => Ok::<_, String>(Some((batch, written))),
                 Err(Interrupted) => {
@@ -310,12 +324,20 @@ async fn settle(
     } else {
         Vec::new()
     };
-    for docs in &bodies {
-        out.push(Outgoing {
-            queue: INDEX_QUEUE.to_string(),
-            data: docs,
-            properties: persistent("application/x-ndjson"),
-        });
+    if !bodies.is_empty() {
+        // The commit time travels with the documents, for the index lag.
+        let committed_us = now + write_time.as_micros() as i64;
+        let properties = persistent("application/x-ndjson").with_headers(headers_of(&[(
+            COMMITTED_US_HEADER,
+            AMQPValue::LongLongInt(committed_us),
+        )]));
+        for docs in &bodies {
+            out.push(Outgoing {
+                queue: INDEX_QUEUE.to_string(),
+                data: docs,
+                properties: properties.clone(),
+            });
+        }
     }
     let publish_started = Instant::now();
     if !out.is_empty() {
@@ -334,6 +356,7 @@ async fn settle(
         .ack(BasicAckOptions { multiple: true })
         .await
         .map_err(|e| format!("ack on {queue}: {e}"))?;
+    record(queue, &batch, &summary, now, write_time);
     log::debug!(
         "batch queue={queue} size={} stored={} retried={} dead_lettered={} first_tag={} last_tag={} write_us={} publish_us={} duration_us={}",
         batch.len(),
@@ -347,6 +370,29 @@ async fn settle(
         started.elapsed().as_micros()
     );
     Ok(())
+}
+
+/// Counts a settled batch in the metrics: outcomes, MySQL write time, and
+/// the lag from the oldest AMQP `timestamp` (seconds) to the commit.
+fn record(queue: &str, batch: &[Delivery], summary: &Summary, now: Micros, write_time: Duration) {
+    let m = metrics::get();
+    let label = Metrics::queue(queue);
+    m.stored.get_or_create(&label).inc_by(summary.stored as u64);
+    m.retried
+        .get_or_create(&label)
+        .inc_by(summary.retried as u64);
+    m.dead_lettered
+        .get_or_create(&label)
+        .inc_by(summary.dead_lettered as u64);
+    m.batch_commit
+        .get_or_create(&label)
+        .observe(write_time.as_secs_f64());
+    if let Some(oldest) = batch.iter().filter_map(|d| *d.properties.timestamp()).min() {
+        let committed = (now as f64 + write_time.as_micros() as f64) / 1e6;
+        m.publish_to_commit
+            .get_or_create(&label)
+            .observe((committed - oldest as f64).max(0.0));
+    }
 }
 
 fn at(d: &Delivery, now: Micros) -> Micros {
@@ -414,6 +460,7 @@ where
         let error = match outcome {
             None => return Err(Interrupted),
             Some(Some(Ok(v))) => {
+                metrics::get().set_up(Dependency::mysql, true);
                 if backoff.attempts() > 0 {
                     log::info!(
                         "mysql: queue={queue} write succeeded after {} retries",
@@ -422,9 +469,20 @@ where
                 }
                 return Ok(v);
             }
-            Some(Some(Err(e))) => format!("{:?}", classify(&e)),
-            Some(None) => format!("no answer within {} s", MYSQL_ATTEMPT_TIMEOUT.as_secs()),
+            // A server error (deadlock, lock wait) means MySQL answered.
+            Some(Some(Err(e))) => (
+                format!("{:?}", classify(&e)),
+                matches!(e, mysql_async::Error::Server(_)),
+            ),
+            Some(None) => (
+                format!("no answer within {} s", MYSQL_ATTEMPT_TIMEOUT.as_secs()),
+                false,
+            ),
         };
+        let (error, answered) = error;
+        let m = metrics::get();
+        m.set_up(Dependency::mysql, answered);
+        m.write_errors.get_or_create(&Metrics::queue(queue)).inc();
         log::warn!(
             "mysql: queue={queue} error_class=infrastructure retry={} error={error}",
             backoff.attempts() + 1

@@ -22,6 +22,7 @@ use crate::config::Config;
 use crate::count_sync::{self, CountSync};
 use crate::elasticsearch::backfill::{self, BACKFILL_QUEUE};
 use crate::elasticsearch::{indexer, Client};
+use crate::metrics::Dependency;
 use crate::mysql::Store;
 use crate::pipeline::{self, Context};
 use crate::redis_store::{run_marker_flusher, MarkerSender, Redis};
@@ -79,7 +80,7 @@ async fn serve(ex: &LocalExecutor<'_>, cfg: Config, signals: Signals) -> i32 {
         None => None,
         Some(addr) => match crate::http::bind(addr) {
             Ok(listener) => {
-                log::info!("http: serving /healthz on {addr}");
+                log::info!("http: serving /healthz, /readyz, /metrics on {addr}");
                 Some(ex.spawn(crate::http::serve(listener)))
             }
             Err(e) => {
@@ -102,7 +103,15 @@ async fn serve(ex: &LocalExecutor<'_>, cfg: Config, signals: Signals) -> i32 {
         ex.spawn(async move { count_sync::run(&sync, every, reconcile, &shutdown).await })
     };
 
+    let monitor = ex.spawn(crate::monitor::run(
+        store.clone(),
+        redis.clone(),
+        cfg.elasticsearch_url.is_some(),
+        shutdown.clone(),
+    ));
+
     supervise(ex, &cfg, &store, &marker_tx, &shutdown).await;
+    drop(monitor);
 
     // The consumers are done; what they took is acked or back in the queue.
     drop(marker_tx);
@@ -208,6 +217,8 @@ async fn generation(
         None => return Ok(()),
         Some(c) => c.map_err(|e| format!("connect to {}: {e}", redact(&cfg.rabbitmq_url)))?,
     };
+    let m = crate::metrics::get();
+    m.set_up(Dependency::rabbitmq, true);
     let es = cfg
         .elasticsearch_url
         .as_deref()
@@ -267,6 +278,7 @@ async fn generation(
         drop(tx);
         drop(ctx);
         log::info!("rabbitmq: connected; consuming {consuming} queues");
+        m.consuming.set(1);
         let mut result = Ok(());
         while let Ok(r) = rx.recv().await {
             if let Err(e) = r {
@@ -279,6 +291,8 @@ async fn generation(
         result
     }
     .await;
+    m.consuming.set(0);
+    m.set_up(Dependency::rabbitmq, false);
     let closing = smol::future::or(
         async {
             conn.close(200, "chat-writer closing".into())

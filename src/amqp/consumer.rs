@@ -14,7 +14,9 @@
 
 use crate::shutdown::Shutdown;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
 use smol::stream::StreamExt;
@@ -157,6 +159,24 @@ impl BatchConsumer {
         self.prefetch = prefetch;
         self.max = usize::from(prefetch);
         Ok(())
+    }
+
+    /// Messages ready in the queue (not delivered), by a passive
+    /// `queue.declare` on this consumer's channel. Errors: the channel is
+    /// gone.
+    pub async fn ready_count(&self) -> Result<u32, String> {
+        self.channel
+            .queue_declare(
+                self.queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map(|q| q.message_count())
+            .map_err(|e| format!("passive declare of {}: {e}", self.queue))
     }
 
     fn current_tag(&self) -> String {

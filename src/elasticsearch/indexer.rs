@@ -21,7 +21,11 @@ use crate::amqp::consumer::{BatchConsumer, Next};
 use crate::amqp::republish::{failure_properties, Outgoing, Republisher};
 use crate::amqp::{dead_letter_queue, INDEX_QUEUE};
 use crate::backoff::Backoff;
+use crate::metrics::{self, Dependency};
+use crate::pipeline::COMMITTED_US_HEADER;
 use crate::shutdown::Shutdown;
+use lapin::message::Delivery;
+use lapin::types::AMQPValue;
 use std::time::Duration;
 
 /// Initial prefetch of the index queue. From then on the prefetch follows
@@ -164,6 +168,7 @@ pub async fn bulk_until_settled(
             }
         }
         if let Some(reason) = transient {
+            metrics::get().set_up(Dependency::elasticsearch, false);
             log::warn!(
                 "elasticsearch: {} of {} documents not indexed yet, retry={}: {reason}",
                 pending.len(),
@@ -183,6 +188,36 @@ pub async fn bulk_until_settled(
     Some(settled)
 }
 
+/// How often the index queue's depth is read for the metrics while busy.
+const BACKLOG_EVERY: Duration = Duration::from_secs(5);
+
+/// Counts a settled `_bulk` round in the metrics: documents, refusals, its
+/// duration and the lag from the oldest message's commit
+/// ([`COMMITTED_US_HEADER`]) to now.
+fn record(batch: &[Delivery], docs: usize, rejected: usize, started: std::time::Instant) {
+    let m = metrics::get();
+    m.set_up(Dependency::elasticsearch, true);
+    m.indexed.inc_by((docs - rejected) as u64);
+    m.index_rejected.inc_by(rejected as u64);
+    m.bulk.observe(started.elapsed().as_secs_f64());
+    let oldest = batch
+        .iter()
+        .filter_map(|d| {
+            d.properties
+                .headers()
+                .as_ref()
+                .and_then(|h| match h.inner().get(COMMITTED_US_HEADER) {
+                    Some(AMQPValue::LongLongInt(us)) => Some(*us),
+                    _ => None,
+                })
+        })
+        .min();
+    if let Some(us) = oldest {
+        let lag = (crate::time::now_micros() - us).max(0) as f64 / 1e6;
+        m.index_lag.set(lag);
+    }
+}
+
 /// Checks the index identity; on a new index, asks for a backfill.
 /// Errors are logged (Elasticsearch may be down; bulks retry on their own).
 async fn check_index(
@@ -193,9 +228,16 @@ async fn check_index(
 ) -> Result<(), String> {
     match shutdown.race(watch.check(client)).await {
         None => Ok(()),
-        Some(Ok(true)) => backfill::request(republisher).await,
-        Some(Ok(false)) => Ok(()),
+        Some(Ok(true)) => {
+            metrics::get().set_up(Dependency::elasticsearch, true);
+            backfill::request(republisher).await
+        }
+        Some(Ok(false)) => {
+            metrics::get().set_up(Dependency::elasticsearch, true);
+            Ok(())
+        }
         Some(Err(e)) => {
+            metrics::get().set_up(Dependency::elasticsearch, false);
             log::warn!("elasticsearch: cannot check index {}: {e}", client.index());
             Ok(())
         }
@@ -213,11 +255,15 @@ pub async fn run(
     check_index(&client, &mut watch, &republisher, &shutdown).await?;
     let mut body: Vec<u8> = Vec::new();
     let mut mean_bytes = 0.0_f64;
+    let mut backlog_checked = std::time::Instant::now();
     loop {
         let batch = match consumer.next(&shutdown, Some(CHECK_IDLE)).await? {
             Next::Shutdown => return Ok(()),
             Next::Idle => {
                 check_index(&client, &mut watch, &republisher, &shutdown).await?;
+                if let Ok(n) = consumer.ready_count().await {
+                    metrics::get().index_backlog.set(i64::from(n));
+                }
                 continue;
             }
             Next::Batch(b) => b,
@@ -268,6 +314,13 @@ pub async fn run(
         consumer
             .ack_through(batch.last().expect("a batch is never empty"))
             .await?;
+        record(&batch, docs.len(), settled.rejected.len(), bulk_started);
+        if backlog_checked.elapsed() >= BACKLOG_EVERY {
+            backlog_checked = std::time::Instant::now();
+            if let Ok(n) = consumer.ready_count().await {
+                metrics::get().index_backlog.set(i64::from(n));
+            }
+        }
         // Follow the message size: mean over recent batches (weight 0.3 to
         // this one); change the prefetch (three round trips: qos, cancel,
         // consume) only when it is off by over a third.

@@ -151,6 +151,13 @@ impl Parent {
             Parent::Chats => "chats",
         }
     }
+    /// The work queue whose rows have this parent (metrics label).
+    fn queue(self) -> &'static str {
+        match self {
+            Parent::Applications => "create_chats",
+            Parent::Chats => "create_messages",
+        }
+    }
     fn set(self, k: &mut KnownParents) -> &mut HashSet<i64> {
         match self {
             Parent::Applications => &mut k.applications,
@@ -228,7 +235,12 @@ async fn insert_children<'a, const N: usize>(
         );
         q.push_str(" ON DUPLICATE KEY UPDATE id = id");
         conn.query_drop(q).await?;
-        all_new = conn.affected_rows() == stored;
+        let affected = conn.affected_rows();
+        all_new = affected == stored;
+        let m = crate::metrics::get();
+        m.duplicates
+            .get_or_create(&crate::metrics::Metrics::queue(parent.queue()))
+            .inc_by(stored.saturating_sub(affected));
     }
     Ok(Inserted { outcomes, all_new })
 }

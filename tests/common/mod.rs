@@ -18,6 +18,7 @@ pub mod es;
 pub mod faults;
 pub mod kv;
 pub mod load;
+pub mod metrics;
 pub mod time;
 pub mod writer;
 

@@ -10,6 +10,7 @@ mod consumers;
 mod counts;
 mod es_index;
 mod harness;
+mod metrics;
 mod mysql_session;
 mod ops;
 mod outages;

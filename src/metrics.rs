@@ -1,0 +1,384 @@
+//! What the writer counts, for `/metrics` (issue 5) and readiness.
+//!
+//! One process-wide set of metrics ([`get`]), registered once in a
+//! `prometheus-client` registry and encoded on each scrape in the
+//! OpenMetrics text format (which Prometheus reads; counters end in
+//! `_total`). Updates are atomic adds, so any task or thread may record.
+//! The names, labels and units are listed in the README ("Monitoring").
+//!
+//! Readiness ([`readiness`]) is derived from the same gauges: connected to
+//! RabbitMQ and MySQL, and consuming.
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+use std::sync::atomic::AtomicU64;
+use std::sync::OnceLock;
+
+/// Label of per-queue metrics: the work queue's name.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueueLabel {
+    /// `create_chats`, `create_messages` or `update_messages`.
+    pub queue: &'static str,
+}
+
+/// A dependency whose connection state is exported as `chat_writer_up`.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Dependency {
+    /// The AMQP connection (consumers and publisher).
+    rabbitmq,
+    /// The MySQL pool (last write or probe).
+    mysql,
+    /// Redis (last marker flush, sync or probe).
+    redis,
+    /// Elasticsearch (last bulk or index check).
+    elasticsearch,
+}
+
+/// Label of `chat_writer_up`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DependencyLabel {
+    /// Which dependency.
+    pub dependency: Dependency,
+}
+
+/// The two kinds of count sync (CONTRACT section 5).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum SyncKind {
+    /// Members moved out of the change sets.
+    changes,
+    /// The full SCAN of the counters.
+    reconcile,
+}
+
+/// How a count sync run ended.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum SyncResult {
+    /// Every counter read and written.
+    ok,
+    /// Failed; the members were put back.
+    error,
+}
+
+/// Labels of `chat_writer_count_sync_runs_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SyncLabels {
+    /// changes or reconcile.
+    pub kind: SyncKind,
+    /// ok or error.
+    pub result: SyncResult,
+}
+
+/// Label of `chat_writer_count_sync_duration_seconds`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SyncKindLabel {
+    /// changes or reconcile.
+    pub kind: SyncKind,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+    commit: &'static str,
+}
+
+type Hist<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn batch_size_buckets() -> Histogram {
+    Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0])
+}
+
+fn seconds_buckets() -> Histogram {
+    Histogram::new([
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    ])
+}
+
+fn lag_buckets() -> Histogram {
+    Histogram::new([0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0])
+}
+
+/// Every metric of the writer. Counters only go up; gauges are set.
+pub struct Metrics {
+    registry: Registry,
+    /// Deliveries taken from each work queue.
+    pub received: Family<QueueLabel, Counter>,
+    /// Deliveries whose row was written (a create inserted, an update applied).
+    pub stored: Family<QueueLabel, Counter>,
+    /// Creates whose row was already there (at-least-once delivery): success, not written again.
+    pub duplicates: Family<QueueLabel, Counter>,
+    /// Deliveries sent to a delay tier (parent or row not there yet).
+    pub retried: Family<QueueLabel, Counter>,
+    /// Deliveries dead-lettered (malformed, refused, or out of delay tiers).
+    pub dead_lettered: Family<QueueLabel, Counter>,
+    /// MySQL attempts that failed and were retried in place (CONTRACT section 6).
+    pub write_errors: Family<QueueLabel, Counter>,
+    /// Deliveries per batch.
+    pub batch_size: Hist<QueueLabel>,
+    /// Time of a batch's MySQL write (the transaction and its retries), seconds.
+    pub batch_commit: Hist<QueueLabel>,
+    /// Commit time minus the AMQP `timestamp` of the batch's oldest delivery
+    /// that has one, seconds (the API's timestamps are whole seconds).
+    pub publish_to_commit: Hist<QueueLabel>,
+    /// Documents indexed (or already newer there).
+    pub indexed: Counter,
+    /// Documents refused for good (sent to the index dead-letter queue).
+    pub index_rejected: Counter,
+    /// Time of one `_bulk` round (all its retries), seconds.
+    pub bulk: Histogram,
+    /// Messages ready in the index queue (refreshed at most every 5 s).
+    pub index_backlog: Gauge,
+    /// Commit time to indexed of the oldest index message of the last
+    /// `_bulk`, seconds.
+    pub index_lag: Gauge<f64, AtomicU64>,
+    /// Count sync runs by kind and result.
+    pub count_sync_runs: Family<SyncLabels, Counter>,
+    /// `chats_count` / `messages_count` rows changed by the count sync.
+    pub count_sync_rows: Counter,
+    /// Duration of a count sync run, seconds.
+    pub count_sync_duration: Hist<SyncKindLabel>,
+    /// 1 while the dependency answers, 0 otherwise.
+    pub up: Family<DependencyLabel, Gauge>,
+    /// 1 while every consumer of the current connection is consuming.
+    pub consuming: Gauge,
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let mut r = Registry::with_prefix("chat_writer");
+        let m = Metrics {
+            received: Family::default(),
+            stored: Family::default(),
+            duplicates: Family::default(),
+            retried: Family::default(),
+            dead_lettered: Family::default(),
+            write_errors: Family::default(),
+            batch_size: Family::new_with_constructor(batch_size_buckets),
+            batch_commit: Family::new_with_constructor(seconds_buckets),
+            publish_to_commit: Family::new_with_constructor(lag_buckets),
+            indexed: Counter::default(),
+            index_rejected: Counter::default(),
+            bulk: seconds_buckets(),
+            index_backlog: Gauge::default(),
+            index_lag: Gauge::default(),
+            count_sync_runs: Family::default(),
+            count_sync_rows: Counter::default(),
+            count_sync_duration: Family::new_with_constructor(seconds_buckets),
+            up: Family::default(),
+            consuming: Gauge::default(),
+            registry: Registry::default(),
+        };
+        let build: Family<BuildLabels, Gauge> = Family::default();
+        build
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+                commit: env!("CHAT_WRITER_COMMIT"),
+            })
+            .set(1);
+        r.register("build_info", "Version and commit of this binary", build);
+        r.register(
+            "deliveries_received",
+            "Deliveries taken from the work queue",
+            m.received.clone(),
+        );
+        r.register(
+            "deliveries_stored",
+            "Deliveries whose row was written (create inserted, update applied)",
+            m.stored.clone(),
+        );
+        r.register(
+            "deliveries_duplicate",
+            "Creates whose row was already stored (ignored, acked)",
+            m.duplicates.clone(),
+        );
+        r.register(
+            "deliveries_retried",
+            "Deliveries sent to a delay tier (parent or row not there yet)",
+            m.retried.clone(),
+        );
+        r.register(
+            "deliveries_dead_lettered",
+            "Deliveries sent to the dead-letter queue",
+            m.dead_lettered.clone(),
+        );
+        r.register(
+            "mysql_write_errors",
+            "MySQL write attempts that failed and were retried in place",
+            m.write_errors.clone(),
+        );
+        r.register("batch_size", "Deliveries per batch", m.batch_size.clone());
+        r.register_with_unit(
+            "batch_commit",
+            "MySQL write time of a batch, retries included",
+            Unit::Seconds,
+            m.batch_commit.clone(),
+        );
+        r.register_with_unit(
+            "publish_to_commit",
+            "Commit time minus the AMQP timestamp of the batch's oldest delivery",
+            Unit::Seconds,
+            m.publish_to_commit.clone(),
+        );
+        r.register(
+            "index_documents",
+            "Documents indexed (or a newer version already there)",
+            m.indexed.clone(),
+        );
+        r.register(
+            "index_rejected",
+            "Documents refused by Elasticsearch for good (dead-lettered)",
+            m.index_rejected.clone(),
+        );
+        r.register_with_unit(
+            "bulk",
+            "Time of one _bulk round, retries included",
+            Unit::Seconds,
+            m.bulk.clone(),
+        );
+        r.register(
+            "index_backlog_messages",
+            "Index messages ready in the index queue",
+            m.index_backlog.clone(),
+        );
+        r.register_with_unit(
+            "index_lag",
+            "Commit to indexed of the oldest message of the last _bulk",
+            Unit::Seconds,
+            m.index_lag.clone(),
+        );
+        r.register(
+            "count_sync_runs",
+            "Count sync runs",
+            m.count_sync_runs.clone(),
+        );
+        r.register(
+            "count_sync_rows_written",
+            "Count rows changed by the count sync",
+            m.count_sync_rows.clone(),
+        );
+        r.register_with_unit(
+            "count_sync_duration",
+            "Duration of a count sync run",
+            Unit::Seconds,
+            m.count_sync_duration.clone(),
+        );
+        r.register("up", "1 while the dependency answers", m.up.clone());
+        r.register(
+            "consuming",
+            "1 while every consumer of the current connection is consuming",
+            m.consuming.clone(),
+        );
+        // Every per-queue counter exists from the start at 0, so rates and
+        // alerts work before the first event.
+        for q in crate::amqp::WORK_QUEUES {
+            let l = Metrics::queue(q);
+            for f in [
+                &m.received,
+                &m.stored,
+                &m.duplicates,
+                &m.retried,
+                &m.dead_lettered,
+                &m.write_errors,
+            ] {
+                let _ = f.get_or_create(&l);
+            }
+        }
+        Metrics { registry: r, ..m }
+    }
+
+    /// The per-queue label of `queue` (a work queue name); other names are
+    /// reported as `other`.
+    pub fn queue(queue: &str) -> QueueLabel {
+        let queue = crate::amqp::WORK_QUEUES
+            .iter()
+            .copied()
+            .find(|q| *q == queue)
+            .unwrap_or("other");
+        QueueLabel { queue }
+    }
+
+    /// Sets `chat_writer_up{dependency}` to 1 or 0.
+    pub fn set_up(&self, dependency: Dependency, up: bool) {
+        self.up
+            .get_or_create(&DependencyLabel { dependency })
+            .set(i64::from(up));
+    }
+
+    /// `chat_writer_up{dependency}`.
+    pub fn is_up(&self, dependency: Dependency) -> bool {
+        self.up.get_or_create(&DependencyLabel { dependency }).get() == 1
+    }
+
+    /// The whole exposition in the OpenMetrics text format (ends with
+    /// `# EOF`).
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(8 << 10);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// The process's metrics, created on first use.
+pub fn get() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(Metrics::new)
+}
+
+/// `Ok` when the writer is ready (connected to RabbitMQ and MySQL and
+/// consuming), else the first reason it is not, in one line (`/readyz`).
+pub fn readiness() -> Result<(), &'static str> {
+    let m = get();
+    if !m.is_up(Dependency::rabbitmq) {
+        Err("rabbitmq: not connected")
+    } else if m.consuming.get() != 1 {
+        Err("rabbitmq: not consuming")
+    } else if !m.is_up(Dependency::mysql) {
+        Err("mysql: not answering")
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_names_and_readiness() {
+        let m = get();
+        m.received
+            .get_or_create(&Metrics::queue("create_chats"))
+            .inc_by(3);
+        let text = m.encode();
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        assert!(
+            text.contains("chat_writer_deliveries_received_total{queue=\"create_chats\"} 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "chat_writer_build_info{{version=\"{}\",commit=\"{}\"}} 1\n",
+                env!("CARGO_PKG_VERSION"),
+                env!("CHAT_WRITER_COMMIT")
+            )),
+            "{text}"
+        );
+        assert_eq!(Metrics::queue("chat_writer.index").queue, "other");
+        assert_eq!(readiness(), Err("rabbitmq: not connected"));
+        m.set_up(Dependency::rabbitmq, true);
+        assert_eq!(readiness(), Err("rabbitmq: not consuming"));
+        m.consuming.set(1);
+        assert_eq!(readiness(), Err("mysql: not answering"));
+        m.set_up(Dependency::mysql, true);
+        assert_eq!(readiness(), Ok(()));
+        m.set_up(Dependency::rabbitmq, false);
+        m.consuming.set(0);
+    }
+}

@@ -1,0 +1,138 @@
+//! Probes and the periodic summary line (issue 5).
+//!
+//! Consumers and the count sync only learn that MySQL or Redis is down when
+//! they use them, and an idle writer uses neither. So every
+//! [`PROBE_EVERY`] a task asks each one (`SELECT 1`, `PING`, each within
+//! [`PROBE_TIMEOUT`]) and sets `chat_writer_up`, which `/readyz` reads.
+//! Every [`SUMMARY_EVERY`] it also logs one `summary` line at info with the
+//! rates since the previous line, the index backlog and lag, and the
+//! dependency states: what an operator greps for, with no per-message line
+//! at info under load.
+
+use crate::amqp::WORK_QUEUES;
+use crate::metrics::{self, Dependency, Metrics};
+use crate::mysql::Store;
+use crate::redis_store::Redis;
+use crate::shutdown::Shutdown;
+use async_compat::Compat;
+use mysql_async::prelude::Queryable;
+use std::time::{Duration, Instant};
+
+/// How often MySQL and Redis are probed.
+pub const PROBE_EVERY: Duration = Duration::from_secs(5);
+/// How long a probe may take before the dependency counts as down.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often the summary line is logged.
+pub const SUMMARY_EVERY: Duration = Duration::from_secs(30);
+
+async fn within<T>(d: Duration, f: impl std::future::Future<Output = T>) -> Option<T> {
+    smol::future::or(async { Some(f.await) }, async {
+        async_io::Timer::after(d).await;
+        None
+    })
+    .await
+}
+
+/// `SELECT 1` on a pooled connection: true if MySQL answered in time.
+pub async fn probe_mysql(store: &Store) -> bool {
+    let ping = Compat::new(async {
+        let mut conn = store.pool().get_conn().await?;
+        conn.query_drop("SELECT 1").await
+    });
+    matches!(within(PROBE_TIMEOUT, ping).await, Some(Ok(())))
+}
+
+/// `PING`: true if Redis answered in time (the connection is reset
+/// otherwise, so the next use reconnects).
+pub async fn probe_redis(redis: &Redis) -> bool {
+    let ping = async {
+        let mut conn = redis.conn().await?;
+        redis::cmd("PING").query_async::<String>(&mut conn).await
+    };
+    let ok = matches!(within(PROBE_TIMEOUT, ping).await, Some(Ok(_)));
+    if !ok {
+        redis.reset();
+    }
+    ok
+}
+
+/// Totals of the per-queue counters, for rates.
+#[derive(Default, Clone, Copy)]
+struct Totals {
+    received: u64,
+    stored: u64,
+    duplicates: u64,
+    retried: u64,
+    dead_lettered: u64,
+    indexed: u64,
+}
+
+fn totals() -> Totals {
+    let m = metrics::get();
+    let mut t = Totals {
+        indexed: m.indexed.get(),
+        ..Totals::default()
+    };
+    for q in WORK_QUEUES {
+        let l = Metrics::queue(q);
+        t.received += m.received.get_or_create(&l).get();
+        t.stored += m.stored.get_or_create(&l).get();
+        t.duplicates += m.duplicates.get_or_create(&l).get();
+        t.retried += m.retried.get_or_create(&l).get();
+        t.dead_lettered += m.dead_lettered.get_or_create(&l).get();
+    }
+    t
+}
+
+fn state(d: Dependency) -> &'static str {
+    if metrics::get().is_up(d) {
+        "up"
+    } else {
+        "down"
+    }
+}
+
+/// Probes until shutdown and logs the summary line. `indexing`: whether
+/// Elasticsearch is configured (its state is omitted otherwise).
+pub async fn run(store: Store, redis: std::rc::Rc<Redis>, indexing: bool, shutdown: Shutdown) {
+    let m = metrics::get();
+    let mut last = totals();
+    let mut last_at = Instant::now();
+    loop {
+        m.set_up(Dependency::mysql, probe_mysql(&store).await);
+        m.set_up(Dependency::redis, probe_redis(&redis).await);
+        if last_at.elapsed() >= SUMMARY_EVERY {
+            let now = totals();
+            let secs = last_at.elapsed().as_secs_f64();
+            let rate = |a: u64, b: u64| (a - b) as f64 / secs;
+            let es = if indexing {
+                format!(
+                    " indexed_per_s={:.1} index_backlog={} index_lag_s={:.3} elasticsearch={}",
+                    rate(now.indexed, last.indexed),
+                    m.index_backlog.get(),
+                    m.index_lag.get(),
+                    state(Dependency::elasticsearch)
+                )
+            } else {
+                String::new()
+            };
+            log::info!(
+                "summary interval_s={secs:.0} received_per_s={:.1} stored_per_s={:.1} duplicates={} retried={} dead_lettered={}{es} rabbitmq={} consuming={} mysql={} redis={}",
+                rate(now.received, last.received),
+                rate(now.stored, last.stored),
+                now.duplicates - last.duplicates,
+                now.retried - last.retried,
+                now.dead_lettered - last.dead_lettered,
+                state(Dependency::rabbitmq),
+                m.consuming.get(),
+                state(Dependency::mysql),
+                state(Dependency::redis),
+            );
+            last = now;
+            last_at = Instant::now();
+        }
+        if !shutdown.sleep(PROBE_EVERY).await {
+            return;
+        }
+    }
+}

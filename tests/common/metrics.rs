@@ -1,0 +1,84 @@
+//! Reading the writer's HTTP endpoint: `/metrics` parsed with a Prometheus
+//! text parser (prometheus-parse), `/readyz` and `/healthz` status and body.
+
+use std::time::Duration;
+
+use prometheus_parse::{LineInfo, Scrape, Value};
+
+/// `GET http://<addr><path>`: (status, content type, body); `Err` when
+/// nothing answers.
+pub fn http_get(addr: &str, path: &str) -> Result<(u16, String, String), String> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(5)))
+        .build()
+        .into();
+    let url = format!("http://{addr}{path}");
+    let mut resp = agent.get(&url).call().map_err(|e| format!("{url}: {e}"))?;
+    let status = resp.status().as_u16();
+    let ct = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let body = resp
+        .body_mut()
+        .read_to_string()
+        .map_err(|e| format!("{url}: body: {e}"))?;
+    Ok((status, ct, body))
+}
+
+/// One parsed scrape of `/metrics`.
+pub struct Metrics {
+    pub scrape: Scrape,
+    pub text: String,
+}
+
+impl Metrics {
+    /// The value of the counter, gauge or untyped sample `name` whose labels
+    /// are exactly `labels`.
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        self.scrape.samples.iter().find_map(|s| {
+            let same = s.metric == name
+                && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))
+                && s.labels.len() == labels.len();
+            if !same {
+                return None;
+            }
+            match s.value {
+                Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => Some(v),
+                _ => None,
+            }
+        })
+    }
+
+    /// Like [`Metrics::value`], panicking with the exposition when missing.
+    pub fn must(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.value(name, labels)
+            .unwrap_or_else(|| panic!("no sample {name}{labels:?} in\n{}", self.text))
+    }
+}
+
+/// Scrapes `/metrics` at `addr`: status 200, the OpenMetrics content type,
+/// every line either a comment or a sample the Prometheus text parser
+/// reads, ending with `# EOF`.
+pub fn scrape(addr: &str) -> Metrics {
+    let (status, ct, text) = http_get(addr, "/metrics").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(
+        ct, "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        "content type"
+    );
+    assert!(text.ends_with("# EOF\n"), "no # EOF at the end:\n{text}");
+    for line in text.lines() {
+        let info = LineInfo::parse(line);
+        assert!(
+            line.starts_with('#') || matches!(info, LineInfo::Sample { .. }),
+            "not a sample nor a comment: {line:?}"
+        );
+    }
+    let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+        .unwrap_or_else(|e| panic!("parse: {e}\n{text}"));
+    Metrics { scrape, text }
+}

@@ -1,0 +1,200 @@
+//! The HTTP endpoint of issue 5: `/metrics` counts exactly what a test
+//! published, stored and dead-lettered; `/readyz` follows the broker and
+//! MySQL connections.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::common::faults::Proxy;
+use crate::common::metrics::{http_get, scrape};
+use crate::common::{free_port, wait_until, TestEnv, AMQP_BASE, CHAT_ID, TOKEN};
+use crate::consumers::T1;
+
+const WAIT: Duration = Duration::from_secs(30);
+const POLL: Duration = Duration::from_millis(100);
+
+fn message(chat_id: i64, number: i64) -> serde_json::Value {
+    json!({"chat_id": chat_id, "token": TOKEN, "chat_number": 1, "number": number,
+           "body": format!("body {number}")})
+}
+
+#[test]
+fn metrics_count_what_was_published_stored_and_dead_lettered() {
+    let env = TestEnv::new("metrics_counts");
+    smol::block_on(async {
+        env.migrate_and_seed().await;
+        let amqp = env.amqp().await;
+        amqp.declare_work_queues().await;
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut w = env.start_writer(&[
+            ("HTTP_ADDR", addr.as_str()),
+            ("RETRY_DELAYS", "300ms"),
+            ("COUNT_SYNC_INTERVAL", "1h"),
+        ]);
+        env.wait_consuming(&mut w).await;
+        let e = &env;
+        // The writer creates the index and backfills it from MySQL (empty
+        // here) before any row exists, so no backfilled document is counted.
+        let wr = &w;
+        wait_until(
+            "index created and backfilled",
+            WAIT,
+            POLL,
+            move || async move { wr.log().contains("backfill: done, 0 documents") },
+        )
+        .await;
+
+        // 10 new messages, then the same number 3 again (a duplicate), one
+        // malformed payload, one message of a chat that never comes (one
+        // delayed retry, then dead-lettered), one update.
+        for n in 1..=10 {
+            amqp.publish_json("create_messages", &message(CHAT_ID, n), Some(T1))
+                .await;
+        }
+        wait_until("10 rows", WAIT, POLL, move || async move {
+            e.db.count("messages", "1=1").await == 10
+        })
+        .await;
+        amqp.publish_json("create_messages", &message(CHAT_ID, 3), Some(T1))
+            .await;
+        amqp.publish("create_messages", br#"{"chat_id": "one"}"#, Some(T1))
+            .await;
+        amqp.publish_json("create_messages", &message(99, 1), Some(T1))
+            .await;
+        amqp.publish_json(
+            "update_messages",
+            &json!({"chat_id": CHAT_ID, "token": TOKEN, "chat_number": 1, "number": 2,
+                    "body": "edited"}),
+            None,
+        )
+        .await;
+        wait_until("2 dead letters", WAIT, POLL, move || async move {
+            e.queue_stats("create_messages.dlq").map(|s| s.0) == Some(2)
+        })
+        .await;
+        let a = addr.as_str();
+        // Documents: 10 new, the duplicate's row again, the update.
+        wait_until("12 documents indexed", WAIT, POLL, move || async move {
+            scrape(a).value("chat_writer_index_documents_total", &[]) == Some(12.0)
+        })
+        .await;
+        smol::Timer::after(Duration::from_millis(500)).await;
+
+        let m = scrape(&addr);
+        let cm = [("queue", "create_messages")];
+        let um = [("queue", "update_messages")];
+        let cc = [("queue", "create_chats")];
+        // 10 + duplicate + malformed + the orphan twice (first try, retry).
+        assert_eq!(m.must("chat_writer_deliveries_received_total", &cm), 14.0);
+        assert_eq!(m.must("chat_writer_deliveries_stored_total", &cm), 11.0);
+        assert_eq!(m.must("chat_writer_deliveries_duplicate_total", &cm), 1.0);
+        assert_eq!(m.must("chat_writer_deliveries_retried_total", &cm), 1.0);
+        assert_eq!(
+            m.must("chat_writer_deliveries_dead_lettered_total", &cm),
+            2.0
+        );
+        assert_eq!(m.must("chat_writer_batch_size_sum", &cm), 14.0);
+        assert_eq!(m.must("chat_writer_deliveries_received_total", &um), 1.0);
+        assert_eq!(m.must("chat_writer_deliveries_stored_total", &um), 1.0);
+        assert_eq!(
+            m.must("chat_writer_deliveries_dead_lettered_total", &um),
+            0.0
+        );
+        assert_eq!(m.must("chat_writer_deliveries_received_total", &cc), 0.0);
+        assert_eq!(m.must("chat_writer_index_documents_total", &[]), 12.0);
+        assert_eq!(m.must("chat_writer_index_rejected_total", &[]), 0.0);
+        assert_eq!(m.must("chat_writer_mysql_write_errors_total", &cm), 0.0);
+        for dep in ["rabbitmq", "mysql", "redis", "elasticsearch"] {
+            assert_eq!(
+                m.must("chat_writer_up", &[("dependency", dep)]),
+                1.0,
+                "{dep}"
+            );
+        }
+        assert_eq!(m.must("chat_writer_consuming", &[]), 1.0);
+        let build = m
+            .scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == "chat_writer_build_info")
+            .unwrap_or_else(|| panic!("no build_info in\n{}", m.text));
+        assert_eq!(build.labels.get("version"), Some(env!("CARGO_PKG_VERSION")));
+        let commit = build.labels.get("commit").unwrap_or("");
+        assert!(!commit.is_empty(), "{}", m.text);
+        // The same commit as --version prints.
+        assert!(version_mentions(commit), "commit {commit} not in --version");
+        w.stop();
+        amqp.close().await;
+    });
+}
+
+fn version_mentions(commit: &str) -> bool {
+    let out = std::process::Command::new(crate::common::BIN)
+        .arg("--version")
+        .output()
+        .expect("chat-writer --version");
+    String::from_utf8_lossy(&out.stdout).contains(commit)
+}
+
+/// `/readyz` status and body.
+fn readyz(addr: &str) -> (u16, String) {
+    match http_get(addr, "/readyz") {
+        Ok((status, _, body)) => (status, body),
+        Err(e) => (0, e),
+    }
+}
+
+async fn wait_ready(addr: &str, want: (u16, &str)) {
+    let mut last = (0, String::new());
+    let deadline = std::time::Instant::now() + WAIT;
+    while std::time::Instant::now() < deadline {
+        last = readyz(addr);
+        if last.0 == want.0 && last.1 == want.1 {
+            return;
+        }
+        smol::Timer::after(Duration::from_millis(50)).await;
+    }
+    panic!("/readyz never answered {want:?}; last {last:?}");
+}
+
+#[test]
+fn readyz_follows_the_broker_and_mysql_connections() {
+    let env = TestEnv::new("metrics_readyz");
+    smol::block_on(async {
+        env.migrate_and_seed().await;
+        let broker = Proxy::start("127.0.0.1:5672".parse::<SocketAddr>().unwrap());
+        let mysql = Proxy::start("127.0.0.1:3306".parse::<SocketAddr>().unwrap());
+        let addr = format!("127.0.0.1:{}", free_port());
+        let amqp_url = AMQP_BASE.replace("5672", &broker.port.to_string());
+        let amqp_url = format!("{amqp_url}/{}", env.vhost);
+        let mysql_port = mysql.port.to_string();
+        let mut w = env.start_writer(&[
+            ("HTTP_ADDR", addr.as_str()),
+            ("RABBITMQ_URL", amqp_url.as_str()),
+            ("DATABASE_PORT", mysql_port.as_str()),
+        ]);
+        wait_ready(&addr, (200, "ready\n")).await;
+        assert_eq!(http_get(&addr, "/healthz").unwrap().2, "ok\n");
+
+        broker.pause();
+        wait_ready(&addr, (503, "rabbitmq: not connected\n")).await;
+        // Alive all the same.
+        assert_eq!(http_get(&addr, "/healthz").unwrap().0, 200);
+        broker.resume();
+        wait_ready(&addr, (200, "ready\n")).await;
+
+        mysql.pause();
+        wait_ready(&addr, (503, "mysql: not answering\n")).await;
+        mysql.resume();
+        wait_ready(&addr, (200, "ready\n")).await;
+
+        let m = scrape(&addr);
+        assert_eq!(m.must("chat_writer_up", &[("dependency", "rabbitmq")]), 1.0);
+        assert_eq!(m.must("chat_writer_up", &[("dependency", "mysql")]), 1.0);
+        w.sigterm();
+        let exit = w.wait_exit(Duration::from_secs(20));
+        assert_eq!(exit.code, Some(0), "{}", w.log_tail(20));
+    });
+}

@@ -4,9 +4,15 @@
 //! each value. Nothing else reads the environment. A bad value becomes a
 //! [`ConfigError`] that names the variable and the accepted form; `main`
 //! turns it into exit code 2 (CONTRACT section 1).
+//!
+//! Each variable is taken from the first layer that sets it (issue 5): the
+//! process environment, then the `--env-file` ([`crate::env_file`]), then
+//! the default of [`VARIABLES`].
 
 use std::fmt;
 use std::time::Duration;
+
+use crate::env_file::EnvFile;
 
 /// One documented variable: name, default, meaning. `--help` and the README
 /// print this table, so the list cannot drift from the parser.
@@ -125,6 +131,9 @@ pub struct ConfigError {
     pub value: String,
     /// The accepted form, in words.
     pub expected: String,
+    /// Where the value came from when it was not the environment or the
+    /// default: `--env-file PATH line N` (issue 5).
+    pub origin: Option<String>,
 }
 
 impl fmt::Display for ConfigError {
@@ -133,7 +142,11 @@ impl fmt::Display for ConfigError {
             f,
             "invalid configuration: {}={:?}: expected {}",
             self.variable, self.value, self.expected
-        )
+        )?;
+        if let Some(origin) = &self.origin {
+            write!(f, " (from {origin})")?;
+        }
+        Ok(())
     }
 }
 
@@ -185,7 +198,39 @@ impl Config {
     ///
     /// Errors: the first variable whose value does not parse.
     pub fn from_env() -> Result<Config, ConfigError> {
-        Config::from_lookup(|name| std::env::var(name).ok())
+        Config::from_env_and_file(None)
+    }
+
+    /// Reads every variable of [`VARIABLES`] from the process environment,
+    /// then from `file` for those the environment does not set (issue 5):
+    /// a variable set in the environment, even to "", wins over the file.
+    /// The process environment is only read, never changed.
+    ///
+    /// Errors: as [`Config::from_env`]; a bad value taken from the file has
+    /// [`ConfigError::origin`] set to its file and line.
+    pub fn from_env_and_file(file: Option<&EnvFile>) -> Result<Config, ConfigError> {
+        Config::from_layers(|name| std::env::var(name).ok(), file)
+    }
+
+    /// Same as [`Config::from_env_and_file`] with an explicit environment
+    /// lookup, for tests.
+    pub fn from_layers(
+        env: impl Fn(&str) -> Option<String>,
+        file: Option<&EnvFile>,
+    ) -> Result<Config, ConfigError> {
+        let from_file = |name: &str| file.and_then(|f| f.get(name));
+        Config::from_lookup(|name| env(name).or_else(|| from_file(name).map(|e| e.value.clone())))
+            .map_err(|mut e| {
+                if let (None, Some(f), Some(entry)) = (env(e.variable), file, from_file(e.variable))
+                {
+                    e.origin = Some(format!(
+                        "--env-file {} line {}",
+                        f.path().display(),
+                        entry.line
+                    ));
+                }
+                e
+            })
     }
 
     /// Same as [`Config::from_env`] with an explicit lookup, for tests.
@@ -334,6 +379,7 @@ fn err(variable: &'static str, value: &str, expected: &str) -> ConfigError {
         variable,
         value: value.to_string(),
         expected: expected.to_string(),
+        origin: None,
     }
 }
 
@@ -503,5 +549,52 @@ mod tests {
             assert_eq!(e.variable, var);
             assert!(e.to_string().contains(var), "{e}");
         }
+    }
+
+    fn file(text: &str) -> EnvFile {
+        let entries = crate::env_file::parse(text).unwrap();
+        EnvFile::from_entries(std::path::Path::new("/etc/cw.env"), entries)
+    }
+
+    fn layered(env: &[(&str, &str)], text: &str) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_layers(|k| map.get(k).cloned(), Some(&file(text)))
+    }
+
+    #[test]
+    fn env_file_is_under_the_environment_and_over_defaults() {
+        let text = "DATABASE_NAME=from_file\nDATABASE_HOST=filehost\nELASTICSEARCH_URL=\nOTHER_SERVICE_KEY=x\n";
+        let c = layered(
+            &[("DATABASE_HOST", "envhost"), ("DATABASE_PASSWORD", "")],
+            text,
+        )
+        .unwrap();
+        assert_eq!(c.database_name, "from_file");
+        assert_eq!(c.database_host, "envhost");
+        assert_eq!(c.elasticsearch_url, None, "ELASTICSEARCH_URL= in the file");
+        assert_eq!(c.database_password, "");
+        assert_eq!(c.database_port, 3306, "default");
+        // Set to "" in the environment: still wins over the file.
+        let c = layered(&[("DATABASE_PASSWORD", "")], "DATABASE_PASSWORD=secret").unwrap();
+        assert_eq!(c.database_password, "");
+    }
+
+    #[test]
+    fn a_bad_value_from_the_file_names_the_variable_and_the_line() {
+        let e = layered(&[], "# x\nDATABASE_PORT=99999\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid configuration: DATABASE_PORT=\"99999\": expected an integer from 1 to 65535 \
+             (from --env-file /etc/cw.env line 2)"
+        );
+        // The same bad value from the environment names no file.
+        let e = layered(&[("DATABASE_PORT", "99999")], "DATABASE_PORT=1").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid configuration: DATABASE_PORT=\"99999\": expected an integer from 1 to 65535"
+        );
     }
 }

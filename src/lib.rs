@@ -7,7 +7,7 @@
 //!
 //! | concept | module |
 //! |---|---|
-//! | configuration (env) | [`config`] |
+//! | configuration (env, `--env-file`) | [`config`], [`env_file`] |
 //! | payload decoding and validation | [`payload`] |
 //! | MySQL store, schema, batched writes | [`mysql`] |
 //! | Redis connection and change markers | [`redis_store`] |
@@ -27,6 +27,7 @@ pub mod backoff;
 pub mod config;
 pub mod count_sync;
 pub mod elasticsearch;
+pub mod env_file;
 pub mod http;
 pub mod metrics;
 pub mod monitor;

@@ -1,8 +1,11 @@
 //! `chat-writer` command line: the service, `migrate`, `--help`,
-//! `--version` (CONTRACT section 1). Exit codes: 0 clean, 1 fatal error,
-//! 2 bad configuration or usage.
+//! `--version` (CONTRACT section 1), and `--env-file PATH` before the
+//! subcommand (issue 5). Exit codes: 0 clean, 1 fatal error, 2 bad
+//! configuration or usage.
 
 use chat_writer::config::{Config, VARIABLES};
+use chat_writer::env_file::EnvFile;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 fn help() -> String {
@@ -17,6 +20,9 @@ fn help() -> String {
          chat-writer dlq show <queue> [N]    print up to N (10) dead letters of <queue>.dlq, keep them\n  \
          chat-writer dlq replay <queue> [N]  move up to N (all) dead letters back to <queue>\n  \
          chat-writer --help       this text\n  chat-writer --version    version, commit and build date\n\n\
+         OPTIONS (before the subcommand):\n  \
+         --env-file PATH          read KEY=VALUE lines (# comments, optional export, quotes) from PATH;\n                           \
+         real environment variables win over the file, the file over the defaults\n\n\
          ENVIRONMENT (a variable set to the empty string wins over its default):\n",
         chat_writer::version_line()
     );
@@ -36,11 +42,47 @@ fn help() -> String {
     s
 }
 
-fn config() -> Result<Config, ExitCode> {
-    Config::from_env().map_err(|e| {
+/// The configuration: the environment, then the `--env-file` if one was
+/// given, then the defaults. A file that cannot be read or parsed, or a bad
+/// value, is printed as one line and gives exit code 2.
+fn config(env_file: Option<&Path>) -> Result<Config, ExitCode> {
+    let bad = |e: &dyn std::fmt::Display| {
         eprintln!("chat-writer: {e}");
         ExitCode::from(2)
-    })
+    };
+    let file = match env_file.map(EnvFile::load).transpose() {
+        Ok(f) => f,
+        Err(e) => return Err(bad(&e)),
+    };
+    Config::from_env_and_file(file.as_ref()).map_err(|e| bad(&e))
+}
+
+/// Takes the leading `--env-file PATH` or `--env-file=PATH` (issue 5) off
+/// `args`: returns the path, if any, and the arguments after it.
+///
+/// Errors: the message for a missing or empty path, or a second `--env-file`.
+fn split_env_file(mut args: &[String]) -> Result<(Option<PathBuf>, &[String]), String> {
+    let mut path = None;
+    loop {
+        let (value, rest) = match args {
+            [flag, rest @ ..] if flag == "--env-file" => match rest {
+                [value, rest @ ..] => (value.as_str(), rest),
+                [] => return Err("--env-file needs a path: --env-file PATH".to_string()),
+            },
+            [flag, rest @ ..] if flag.starts_with("--env-file=") => {
+                (&flag["--env-file=".len()..], rest)
+            }
+            _ => return Ok((path, args)),
+        };
+        if value.is_empty() {
+            return Err("--env-file needs a path: --env-file PATH".to_string());
+        }
+        if path.is_some() {
+            return Err("--env-file is given more than once".to_string());
+        }
+        path = Some(PathBuf::from(value));
+        args = rest;
+    }
 }
 
 fn init_logging(level: log::LevelFilter) {
@@ -52,7 +94,24 @@ fn init_logging(level: log::LevelFilter) {
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut all_args = Vec::new();
+    for arg in std::env::args_os().skip(1) {
+        match arg.into_string() {
+            Ok(a) => all_args.push(a),
+            Err(a) => {
+                eprintln!("chat-writer: argument {a:?} is not valid UTF-8");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let (env_file, args) = match split_env_file(&all_args) {
+        Ok(split) => split,
+        Err(e) => {
+            eprintln!("chat-writer: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let load_config = || config(env_file.as_deref());
     match args
         .iter()
         .map(String::as_str)
@@ -68,7 +127,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         ["migrate"] => {
-            let cfg = match config() {
+            let cfg = match load_config() {
                 Ok(c) => c,
                 Err(code) => return code,
             };
@@ -88,7 +147,7 @@ fn main() -> ExitCode {
             }
         }
         ["healthcheck"] => {
-            let cfg = match config() {
+            let cfg = match load_config() {
                 Ok(c) => c,
                 Err(code) => return code,
             };
@@ -105,7 +164,7 @@ fn main() -> ExitCode {
             }
         }
         ["reindex"] => {
-            let cfg = match config() {
+            let cfg = match load_config() {
                 Ok(c) => c,
                 Err(code) => return code,
             };
@@ -136,7 +195,7 @@ fn main() -> ExitCode {
             }
         }
         ["dlq", action @ ("show" | "replay"), queue, rest @ ..] if rest.len() <= 1 => {
-            let cfg = match config() {
+            let cfg = match load_config() {
                 Ok(c) => c,
                 Err(code) => return code,
             };
@@ -174,12 +233,18 @@ fn main() -> ExitCode {
             }
         }
         [] => {
-            let cfg = match config() {
+            let cfg = match load_config() {
                 Ok(c) => c,
                 Err(code) => return code,
             };
             init_logging(cfg.log_level);
             ExitCode::from(chat_writer::service::run(cfg) as u8)
+        }
+        other if other.iter().any(|a| a.starts_with("--env-file")) => {
+            eprintln!(
+                "chat-writer: --env-file PATH goes before the subcommand; see chat-writer --help"
+            );
+            ExitCode::from(2)
         }
         other => {
             eprintln!("chat-writer: unknown arguments {other:?}; see chat-writer --help");

@@ -64,6 +64,10 @@ fn version_and_help() {
             "--help does not list subcommand {sub}:\n{text}"
         );
     }
+    assert!(
+        text.contains("--env-file PATH") && text.contains("real environment variables win"),
+        "--help does not describe --env-file PATH (issue 5):\n{text}"
+    );
 }
 
 /// One column as `type [NULL|NOT NULL][ DEFAULT x]`, integer display widths dropped.
@@ -319,4 +323,208 @@ fn healthcheck_asks_the_running_writer() {
             h.log()
         );
     });
+}
+
+// ---- `--env-file PATH` (issue 5) ----
+
+static ENV_FILES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// An env file under the test artefact dir with a unique name, deleted on
+/// drop (also when the test panics).
+struct EnvFile(std::path::PathBuf);
+
+impl EnvFile {
+    fn new(tag: &str, text: &str) -> EnvFile {
+        let n = ENV_FILES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let path = artefact_dir().join(format!("envfile-{}-{n}-{tag}.env", std::process::id()));
+        std::fs::write(&path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        EnvFile(path)
+    }
+
+    fn path(&self) -> &str {
+        self.0.to_str().expect("artefact dir is UTF-8")
+    }
+}
+
+impl Drop for EnvFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Runs `chat-writer <args>` with exactly `vars` (plus PATH); returns the
+/// exit code and stderr.
+fn run_with(tag: &str, args: &[&str], vars: &BTreeMap<String, String>) -> (Option<i32>, String) {
+    let n = ENV_FILES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let log = artefact_dir().join(format!("cli-{}-{n}-{tag}.log", std::process::id()));
+    let mut w = Writer::spawn(args, vars, &log);
+    let exit = w.wait_exit(Duration::from_secs(30));
+    (exit.code, w.log())
+}
+
+/// Tables of `db` (none when the database does not exist).
+async fn table_count(db: &str) -> i64 {
+    let n: Vec<i64> = crate::common::Db::server()
+        .query(&format!(
+            "SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = '{db}'"
+        ))
+        .await;
+    n[0]
+}
+
+/// The whole configuration can come from the file: the environment holds
+/// only PATH, and `migrate` creates the test's database named in the file
+/// (with `export`, quotes, comments, an unknown key and `KEY=` for the
+/// empty password, which must win over the default "password").
+#[test]
+fn env_file_supplies_the_configuration() {
+    let env = TestEnv::new("env_file_used");
+    let mut text =
+        String::from("# chat-writer, shared with other services\n\nOTHER_SERVICE_TOKEN=abc\n");
+    for (k, v) in env.writer_env() {
+        match k.as_str() {
+            "DATABASE_NAME" => text.push_str(&format!("export DATABASE_NAME=\"{v}\"\n")),
+            "DATABASE_PASSWORD" => text.push_str("  DATABASE_PASSWORD=\n"),
+            _ => text.push_str(&format!("{k}='{v}'\n")),
+        }
+    }
+    let file = EnvFile::new("used", &text);
+    smol::block_on(async {
+        assert_eq!(
+            table_count(&env.db_name).await,
+            0,
+            "no schema before migrate"
+        );
+        let arg = format!("--env-file={}", file.path());
+        let (code, err) = run_with("envfile-used", &[&arg, "migrate"], &BTreeMap::new());
+        assert_eq!(
+            code,
+            Some(0),
+            "migrate with {arg}; stderr: {err}\nfile:\n{text}"
+        );
+        assert!(
+            err.contains(&env.db_name),
+            "migrate names the database: {err}"
+        );
+        assert_eq!(
+            table_count(&env.db_name).await,
+            3,
+            "schema of {}",
+            env.db_name
+        );
+    });
+}
+
+/// A variable set in the environment wins over the file, also when it is
+/// set to the empty string: were the file's values used, DATABASE_NAME
+/// would be refused (exit 2) and the password would be wrong (exit 1).
+#[test]
+fn environment_wins_over_env_file() {
+    let env = TestEnv::new("env_file_env_wins");
+    let file = EnvFile::new(
+        "env-wins",
+        "DATABASE_NAME=not`a`valid`name\nDATABASE_PASSWORD=wrong-password\n",
+    );
+    let mut vars = env.writer_env();
+    vars.insert("DATABASE_PASSWORD".to_string(), String::new());
+    smol::block_on(async {
+        let (code, err) = run_with(
+            "envfile-env-wins",
+            &["--env-file", file.path(), "migrate"],
+            &vars,
+        );
+        assert_eq!(code, Some(0), "migrate; stderr: {err}");
+        assert_eq!(
+            table_count(&env.db_name).await,
+            3,
+            "schema of {}",
+            env.db_name
+        );
+    });
+}
+
+/// A malformed line exits 2 with one line naming the file and the line; a
+/// bad value of one of our variables names the variable, the file and the
+/// line. Nothing is connected to, so no test environment is needed.
+#[test]
+fn env_file_bad_line_exits_2_naming_file_and_line() {
+    let file = EnvFile::new(
+        "bad-line",
+        "# comment\nSOMETHING_ELSE=1\n\nthis is not an assignment\n",
+    );
+    let (code, err) = run_with(
+        "envfile-bad-line",
+        &["--env-file", file.path(), "migrate"],
+        &BTreeMap::new(),
+    );
+    assert_eq!(code, Some(2), "stderr: {err}");
+    assert_eq!(
+        err,
+        format!(
+            "chat-writer: --env-file {} line 4: expected KEY=VALUE, got \"this is not an assignment\"\n",
+            file.path()
+        )
+    );
+
+    let file = EnvFile::new("bad-key", "DATABASE-NAME=x\n");
+    let (code, err) = run_with(
+        "envfile-bad-key",
+        &["--env-file", file.path(), "migrate"],
+        &BTreeMap::new(),
+    );
+    assert_eq!(code, Some(2), "stderr: {err}");
+    assert_eq!(
+        err,
+        format!(
+            "chat-writer: --env-file {} line 1: invalid key \"DATABASE-NAME\": expected [A-Za-z_][A-Za-z0-9_]*\n",
+            file.path()
+        )
+    );
+
+    let file = EnvFile::new(
+        "bad-value",
+        "DATABASE_HOST=127.0.0.1\nRABBITMQ_PREFETCH_COUNT=many\n",
+    );
+    let (code, err) = run_with(
+        "envfile-bad-value",
+        &["--env-file", file.path(), "migrate"],
+        &BTreeMap::new(),
+    );
+    assert_eq!(code, Some(2), "stderr: {err}");
+    assert_eq!(
+        err,
+        format!(
+            "chat-writer: invalid configuration: RABBITMQ_PREFETCH_COUNT=\"many\": \
+             expected an integer from 1 to 65535 (from --env-file {} line 2)\n",
+            file.path()
+        )
+    );
+}
+
+/// A file that does not exist exits 2 naming the path and the OS error;
+/// `--env-file` without a path exits 2 too.
+#[test]
+fn env_file_missing_exits_2_naming_the_path() {
+    let missing = {
+        let f = EnvFile::new("missing", "");
+        f.path().to_string()
+    }; // deleted here
+    assert!(!std::path::Path::new(&missing).exists());
+    let (code, err) = run_with(
+        "envfile-missing",
+        &["--env-file", &missing, "migrate"],
+        &BTreeMap::new(),
+    );
+    assert_eq!(code, Some(2), "stderr: {err}");
+    assert_eq!(
+        err,
+        format!("chat-writer: --env-file {missing}: cannot read it: No such file or directory (os error 2)\n")
+    );
+
+    let (code, err) = run_with("envfile-no-path", &["--env-file"], &BTreeMap::new());
+    assert_eq!(code, Some(2), "stderr: {err}");
+    assert_eq!(
+        err,
+        "chat-writer: --env-file needs a path: --env-file PATH\n"
+    );
 }

@@ -112,7 +112,7 @@ pub const VARIABLES: &[Variable] = &[
     Variable {
         name: "HTTP_ADDR",
         default: "0.0.0.0:9464",
-        help: "health endpoint address (GET /healthz, `chat-writer healthcheck`); empty disables",
+        help: "HTTP endpoint address (GET /healthz, /readyz, /metrics; `chat-writer healthcheck`); empty disables",
     },
     Variable {
         name: "RUST_LOG",

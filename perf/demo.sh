@@ -109,6 +109,13 @@ export REDIS_URL=redis://127.0.0.1:6379/0
 export RABBITMQ_URL="amqp://guest:guest@127.0.0.1:5672/$DEMO_VHOST"
 export ELASTICSEARCH_URL="$ES_URL" ELASTICSEARCH_INDEX="$DEMO_INDEX"
 export COUNT_SYNC_INTERVAL=1s
+# The writer's HTTP endpoint (/healthz, /readyz, /metrics): 9464 unless taken.
+HTTP_PORT=""
+for p in 9464 $(seq 19464 19480); do
+  if ! tcp_up 127.0.0.1 "$p"; then HTTP_PORT=$p; break; fi
+done
+[[ -n "$HTTP_PORT" ]] || die "no free port for HTTP_ADDR in 9464, 19464..19480"
+export HTTP_ADDR="127.0.0.1:$HTTP_PORT"
 export RUST_LOG="${RUST_LOG:-info}"
 
 # ------------------------------------------------------------ writer
@@ -139,6 +146,10 @@ fi
 DEMO_PID=""
 DEMO_RC=$rc
 
+# What the writer says about itself before it stops: readiness and metrics.
+READYZ=$(curl -sS --max-time 3 "http://$HTTP_ADDR/readyz" 2>&1 || true)
+curl -sS --max-time 3 "http://$HTTP_ADDR/metrics" >"$LOG_DIR/metrics.txt" 2>&1 || true
+
 # ------------------------------------------------------------ stop the writer
 say "stopping chat-writer (SIGTERM)"
 kill -TERM "$WRITER_PID"
@@ -160,6 +171,10 @@ DLQ_AFTER=$(dlq_depth)
 say "summary"
 sed -n '/== chat-writer demo summary/,$p' "$LOG_DIR/demo.log"
 echo "  dead letters:                            $DLQ_AFTER"
+echo "  /readyz before SIGTERM:                  ${READYZ%$'\n'}"
+echo "  /metrics before SIGTERM ($LOG_DIR/metrics.txt), counters:"
+grep -E '^chat_writer_(deliveries_[a-z_]+_total|index_documents_total|index_rejected_total|count_sync_rows_written_total|up)[{ ]' \
+  "$LOG_DIR/metrics.txt" | grep -v ' 0$' | sed 's/^/    /' || true
 echo "  chat-writer exit code after SIGTERM:    $WRITER_RC"
 echo "  logs: $LOG_DIR/writer.log, $LOG_DIR/demo.log"
 if [[ "$DEMO_RC" == 0 && "$WRITER_RC" == 0 ]]; then

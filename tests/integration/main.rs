@@ -16,6 +16,7 @@ mod ops;
 mod outages;
 mod prefetch;
 mod recovery;
+mod replicas;
 mod retries;
 mod shutdown;
 mod sigkill;

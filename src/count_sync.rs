@@ -19,6 +19,9 @@ use std::time::{Duration, Instant};
 
 /// Members taken per `SPOP`, keys per `SCAN` page and rows per `UPDATE`.
 pub const CHUNK: usize = 1000;
+/// Retries of one chunk's MySQL write after a deadlock or lock wait
+/// timeout, before the run fails (40, 80, 160 ms apart).
+pub const LOCK_RETRIES: u32 = 3;
 
 /// The two kinds of counter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -206,22 +209,45 @@ impl CountSync {
                 }
             }
         });
-        let changed = match kind {
-            Counter::Chats => {
-                let counts: Vec<(&str, i64)> = parsed.collect();
-                stats.counters = counts.len() as u64;
-                self.store.raise_chat_counts(&counts).await
-            }
-            Counter::Messages => {
-                let counts: Vec<(&str, i32, i64)> = parsed
-                    .filter_map(|(m, n)| {
-                        let (token, number) = m.rsplit_once(':')?;
-                        let number = number.parse::<i32>().ok().filter(|n| *n >= 1)?;
-                        Some((token, number, n))
-                    })
-                    .collect();
-                stats.counters = counts.len() as u64;
-                self.store.raise_message_counts(&counts).await
+        let parsed: Vec<(&str, i64)> = parsed.collect();
+        let message_counts: Vec<(&str, i32, i64)> = match kind {
+            Counter::Chats => Vec::new(),
+            Counter::Messages => parsed
+                .iter()
+                .filter_map(|&(m, n)| {
+                    let (token, number) = m.rsplit_once(':')?;
+                    let number = number.parse::<i32>().ok().filter(|n| *n >= 1)?;
+                    Some((token, number, n))
+                })
+                .collect(),
+        };
+        stats.counters = match kind {
+            Counter::Chats => parsed.len(),
+            Counter::Messages => message_counts.len(),
+        } as u64;
+        // The raise locks the parent rows that concurrent message and chat
+        // inserts lock too (their foreign-key checks), in another order, so
+        // InnoDB may pick it as a deadlock victim (1213) or time it out
+        // (1205): retried here a few times, since nothing was written.
+        let mut attempt = 0u32;
+        let changed = loop {
+            let r = match kind {
+                Counter::Chats => self.store.raise_chat_counts(&parsed).await,
+                Counter::Messages => self.store.raise_message_counts(&message_counts).await,
+            };
+            match r {
+                Err(mysql_async::Error::Server(ref e))
+                    if matches!(e.code, 1213 | 1205) && attempt < LOCK_RETRIES =>
+                {
+                    attempt += 1;
+                    log::debug!(
+                        "count sync: mysql error {} on {} counters, retry={attempt}",
+                        e.code,
+                        stats.counters
+                    );
+                    async_io::Timer::after(Duration::from_millis(20 << attempt)).await;
+                }
+                other => break other,
             }
         };
         stats.rows_changed = changed.map_err(|e| format!("mysql: {e}"))?;

@@ -49,8 +49,12 @@ pub struct Entry {
 /// may be a password).
 pub fn parse(text: &str) -> Result<Vec<Entry>, (usize, String)> {
     let mut entries = Vec::new();
+    // A byte-order mark some editors write is not part of the first key.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     for (i, raw) in text.lines().enumerate() {
         let line = i + 1;
+        // `lines` strips "\r\n"; a lone "\r" at the very end stays.
+        let raw = raw.strip_suffix('\r').unwrap_or(raw);
         let trimmed = raw.trim_start();
         if trimmed.is_empty() || trimmed.starts_with('#') {
             continue;
@@ -352,5 +356,15 @@ mod tests {
                 bad.display()
             )
         );
+    }
+
+    #[test]
+    fn a_byte_order_mark_and_a_last_carriage_return_are_not_data() {
+        let e = parse("\u{feff}HTTP_ADDR=127.0.0.1:1\r\nRUST_LOG=debug\r").unwrap();
+        let got: Vec<(&str, &str)> = e
+            .iter()
+            .map(|e| (e.key.as_str(), e.value.as_str()))
+            .collect();
+        assert_eq!(got, [("HTTP_ADDR", "127.0.0.1:1"), ("RUST_LOG", "debug")]);
     }
 }

@@ -105,6 +105,10 @@ async fn answer(mut stream: Async<TcpStream>) {
             ("200 OK", crate::metrics::get().encode().into())
         }
         ("GET" | "HEAD", _) => ("404 Not Found", "not found\n".into()),
+        // No request line an HTTP client would send.
+        _ if !path.starts_with('/') || !method.bytes().all(|b| b.is_ascii_uppercase()) => {
+            ("400 Bad Request", "bad request\n".into())
+        }
         _ => ("405 Method Not Allowed", "method not allowed\n".into()),
     };
     let head = format!(
@@ -119,7 +123,8 @@ async fn answer(mut stream: Async<TcpStream>) {
 }
 
 /// `chat-writer healthcheck`: `GET /healthz` at `addr` (an unspecified
-/// address such as 0.0.0.0 is asked on loopback). Returns true on 200.
+/// address such as 0.0.0.0 is asked on loopback). `Ok` on 200; `Err` with
+/// the URL and the status or the connection error otherwise.
 pub fn healthcheck(addr: SocketAddr) -> Result<(), String> {
     let mut target = addr;
     if target.ip().is_unspecified() {

@@ -15,7 +15,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 /// Label of per-queue metrics: the work queue's name.
@@ -109,7 +109,8 @@ pub struct Metrics {
     registry: Registry,
     /// Deliveries taken from each work queue.
     pub received: Family<QueueLabel, Counter>,
-    /// Deliveries whose row was written (a create inserted, an update applied).
+    /// Deliveries whose effect is in MySQL: a create inserted or already
+    /// there (duplicates included), an update applied.
     pub stored: Family<QueueLabel, Counter>,
     /// Creates whose row was already there (at-least-once delivery): success, not written again.
     pub duplicates: Family<QueueLabel, Counter>,
@@ -132,10 +133,12 @@ pub struct Metrics {
     pub index_rejected: Counter,
     /// Time of one `_bulk` round (all its retries), seconds.
     pub bulk: Histogram,
-    /// Messages ready in the index queue (refreshed at most every 5 s).
+    /// Index messages ready in the queue (read at most every 5 s while
+    /// busy) plus those the indexer holds unacked.
     pub index_backlog: Gauge,
     /// Commit time to indexed of the oldest index message of the last
-    /// `_bulk`, seconds.
+    /// `_bulk`, seconds; while messages are held (Elasticsearch slow or
+    /// down) their age, refreshed every 5 s; 0 when the indexer is idle.
     pub index_lag: Gauge<f64, AtomicU64>,
     /// Count sync runs by kind and result.
     pub count_sync_runs: Family<SyncLabels, Counter>,
@@ -147,6 +150,13 @@ pub struct Metrics {
     pub up: Family<DependencyLabel, Gauge>,
     /// 1 while every consumer of the current connection is consuming.
     pub consuming: Gauge,
+    /// Index messages ready in the queue at the last look.
+    index_ready: AtomicI64,
+    /// Index messages the indexer holds unacked (a `_bulk` in progress or
+    /// being retried).
+    index_in_hand: AtomicI64,
+    /// Commit time (µs) of the oldest index message in hand; 0 when none.
+    index_oldest_in_hand_us: AtomicI64,
 }
 
 impl Metrics {
@@ -172,6 +182,9 @@ impl Metrics {
             count_sync_duration: Family::new_with_constructor(seconds_buckets),
             up: Family::default(),
             consuming: Gauge::default(),
+            index_ready: AtomicI64::new(0),
+            index_in_hand: AtomicI64::new(0),
+            index_oldest_in_hand_us: AtomicI64::new(0),
             registry: Registry::default(),
         };
         let build: Family<BuildLabels, Gauge> = Family::default();
@@ -189,7 +202,7 @@ impl Metrics {
         );
         r.register(
             "deliveries_stored",
-            "Deliveries whose row was written (create inserted, update applied)",
+            "Deliveries whose effect is in MySQL (duplicates included)",
             m.stored.clone(),
         );
         r.register(
@@ -243,7 +256,7 @@ impl Metrics {
         );
         r.register(
             "index_backlog_messages",
-            "Index messages ready in the index queue",
+            "Index messages waiting: ready in the index queue plus held by the indexer",
             m.index_backlog.clone(),
         );
         r.register_with_unit(
@@ -308,6 +321,38 @@ impl Metrics {
         self.up
             .get_or_create(&DependencyLabel { dependency })
             .set(i64::from(up));
+    }
+
+    /// The indexer took `n` index messages (0: it acked them), the oldest
+    /// committed at `oldest_us`: `index_backlog_messages` counts them with
+    /// the ready ones, and [`Metrics::refresh_index_lag`] ages them.
+    pub fn set_index_in_hand(&self, n: usize, oldest_us: Option<i64>) {
+        self.index_in_hand.store(n as i64, Ordering::Relaxed);
+        self.index_oldest_in_hand_us
+            .store(oldest_us.unwrap_or(0), Ordering::Relaxed);
+        self.refresh_index_backlog();
+    }
+
+    /// `n` index messages are ready in the queue (a passive declare).
+    pub fn set_index_ready(&self, n: u32) {
+        self.index_ready.store(i64::from(n), Ordering::Relaxed);
+        self.refresh_index_backlog();
+    }
+
+    fn refresh_index_backlog(&self) {
+        self.index_backlog.set(
+            self.index_ready.load(Ordering::Relaxed) + self.index_in_hand.load(Ordering::Relaxed),
+        );
+    }
+
+    /// While index messages are in hand (Elasticsearch slow or down), sets
+    /// `index_lag_seconds` to the age of the oldest at `now_us`, so the lag
+    /// grows during an outage instead of keeping the last bulk's value.
+    pub fn refresh_index_lag(&self, now_us: i64) {
+        let oldest = self.index_oldest_in_hand_us.load(Ordering::Relaxed);
+        if oldest > 0 {
+            self.index_lag.set((now_us - oldest).max(0) as f64 / 1e6);
+        }
     }
 
     /// `chat_writer_up{dependency}`.

@@ -2,8 +2,10 @@
 //!
 //! Consumers and the count sync only learn that MySQL or Redis is down when
 //! they use them, and an idle writer uses neither. So every
-//! [`PROBE_EVERY`] a task asks each one (`SELECT 1`, `PING`, each within
-//! [`PROBE_TIMEOUT`]) and sets `chat_writer_up`, which `/readyz` reads.
+//! [`PROBE_EVERY`] a task asks each one (`SELECT 1` on a connection of its
+//! own, `PING`, each within [`PROBE_TIMEOUT`]) and sets `chat_writer_up`,
+//! which `/readyz` reads. The probe's MySQL connection is one more than
+//! DB_MAX_OPEN_CONNS.
 //! Every [`SUMMARY_EVERY`] it also logs one `summary` line at info with the
 //! rates since the previous line, the index backlog and lag, and the
 //! dependency states: what an operator greps for, with no per-message line
@@ -11,11 +13,11 @@
 
 use crate::amqp::WORK_QUEUES;
 use crate::metrics::{self, Dependency, Metrics};
-use crate::mysql::Store;
 use crate::redis_store::Redis;
 use crate::shutdown::Shutdown;
 use async_compat::Compat;
 use mysql_async::prelude::Queryable;
+use mysql_async::{Conn, Opts};
 use std::time::{Duration, Instant};
 
 /// How often MySQL and Redis are probed.
@@ -33,13 +35,26 @@ async fn within<T>(d: Duration, f: impl std::future::Future<Output = T>) -> Opti
     .await
 }
 
-/// `SELECT 1` on a pooled connection: true if MySQL answered in time.
-pub async fn probe_mysql(store: &Store) -> bool {
+/// `SELECT 1` on the probe's own connection (opened with `opts` when
+/// missing, dropped after a failure): true if MySQL answered in time. Its
+/// own connection, not the pool's, so a pool busy with batches waiting on
+/// locks does not read as MySQL being down.
+pub async fn probe_mysql(opts: &Opts, conn: &mut Option<Conn>) -> bool {
     let ping = Compat::new(async {
-        let mut conn = store.pool().get_conn().await?;
-        conn.query_drop("SELECT 1").await
+        if conn.is_none() {
+            *conn = Some(Conn::new(opts.clone()).await?);
+        }
+        match conn.as_mut() {
+            Some(c) => c.query_drop("SELECT 1").await,
+            None => Ok(()),
+        }
     });
-    matches!(within(PROBE_TIMEOUT, ping).await, Some(Ok(())))
+    let ok = matches!(within(PROBE_TIMEOUT, ping).await, Some(Ok(())));
+    if !ok {
+        // Dropped inside the adapter: the driver closes it on its runtime.
+        Compat::new(async { drop(conn.take()) }).await;
+    }
+    ok
 }
 
 /// `PING`: true if Redis answered in time (the connection is reset
@@ -94,13 +109,18 @@ fn state(d: Dependency) -> &'static str {
 
 /// Probes until shutdown and logs the summary line. `indexing`: whether
 /// Elasticsearch is configured (its state is omitted otherwise).
-pub async fn run(store: Store, redis: std::rc::Rc<Redis>, indexing: bool, shutdown: Shutdown) {
+pub async fn run(mysql: Opts, redis: std::rc::Rc<Redis>, indexing: bool, shutdown: Shutdown) {
     let m = metrics::get();
+    let mut probe_conn: Option<Conn> = None;
     let mut last = totals();
     let mut last_at = Instant::now();
     loop {
-        m.set_up(Dependency::mysql, probe_mysql(&store).await);
+        m.set_up(
+            Dependency::mysql,
+            probe_mysql(&mysql, &mut probe_conn).await,
+        );
         m.set_up(Dependency::redis, probe_redis(&redis).await);
+        m.refresh_index_lag(crate::time::now_micros());
         if last_at.elapsed() >= SUMMARY_EVERY {
             let now = totals();
             let secs = last_at.elapsed().as_secs_f64();
@@ -132,6 +152,9 @@ pub async fn run(store: Store, redis: std::rc::Rc<Redis>, indexing: bool, shutdo
             last_at = Instant::now();
         }
         if !shutdown.sleep(PROBE_EVERY).await {
+            if let Some(c) = probe_conn.take() {
+                let _ = within(PROBE_TIMEOUT, Compat::new(c.disconnect())).await;
+            }
             return;
         }
     }

@@ -104,7 +104,7 @@ async fn serve(ex: &LocalExecutor<'_>, cfg: Config, signals: Signals) -> i32 {
     };
 
     let monitor = ex.spawn(crate::monitor::run(
-        store.clone(),
+        crate::mysql::opts(&cfg, Some(&cfg.database_name)),
         redis.clone(),
         cfg.elasticsearch_url.is_some(),
         shutdown.clone(),

@@ -200,7 +200,16 @@ fn record(batch: &[Delivery], docs: usize, rejected: usize, started: std::time::
     m.indexed.inc_by((docs - rejected) as u64);
     m.index_rejected.inc_by(rejected as u64);
     m.bulk.observe(started.elapsed().as_secs_f64());
-    let oldest = batch
+    if let Some(us) = oldest_committed(batch) {
+        let lag = (crate::time::now_micros() - us).max(0) as f64 / 1e6;
+        m.index_lag.set(lag);
+    }
+}
+
+/// The commit time (µs) of the oldest message of `batch` that carries
+/// [`COMMITTED_US_HEADER`] (backfill messages do not).
+fn oldest_committed(batch: &[Delivery]) -> Option<i64> {
+    batch
         .iter()
         .filter_map(|d| {
             d.properties
@@ -211,11 +220,7 @@ fn record(batch: &[Delivery], docs: usize, rejected: usize, started: std::time::
                     _ => None,
                 })
         })
-        .min();
-    if let Some(us) = oldest {
-        let lag = (crate::time::now_micros() - us).max(0) as f64 / 1e6;
-        m.index_lag.set(lag);
-    }
+        .min()
 }
 
 /// Checks the index identity; on a new index, asks for a backfill.
@@ -261,13 +266,16 @@ pub async fn run(
             Next::Shutdown => return Ok(()),
             Next::Idle => {
                 check_index(&client, &mut watch, &republisher, &shutdown).await?;
+                let m = metrics::get();
                 if let Ok(n) = consumer.ready_count().await {
-                    metrics::get().index_backlog.set(i64::from(n));
+                    m.set_index_ready(n);
                 }
+                m.index_lag.set(0.0);
                 continue;
             }
             Next::Batch(b) => b,
         };
+        metrics::get().set_index_in_hand(batch.len(), oldest_committed(&batch));
         if watch.due(CHECK_BEFORE_BULK) {
             check_index(&client, &mut watch, &republisher, &shutdown).await?;
         }
@@ -315,10 +323,11 @@ pub async fn run(
             .ack_through(batch.last().expect("a batch is never empty"))
             .await?;
         record(&batch, docs.len(), settled.rejected.len(), bulk_started);
+        metrics::get().set_index_in_hand(0, None);
         if backlog_checked.elapsed() >= BACKLOG_EVERY {
             backlog_checked = std::time::Instant::now();
             if let Ok(n) = consumer.ready_count().await {
-                metrics::get().index_backlog.set(i64::from(n));
+                metrics::get().set_index_ready(n);
             }
         }
         // Follow the message size: mean over recent batches (weight 0.3 to

@@ -198,3 +198,98 @@ fn readyz_follows_the_broker_and_mysql_connections() {
         assert_eq!(exit.code, Some(0), "{}", w.log_tail(20));
     });
 }
+
+/// While Elasticsearch is unreachable, the index backlog counts what the
+/// indexer holds and the index lag grows with the oldest held message; once
+/// it is back and everything is indexed, the idle indexer reports lag 0.
+#[test]
+fn index_backlog_and_lag_move_while_elasticsearch_is_down() {
+    let env = TestEnv::new("metrics_index_lag");
+    smol::block_on(async {
+        env.migrate_and_seed().await;
+        let es = Proxy::start(
+            env.es_url
+                .trim_start_matches("http://")
+                .parse::<SocketAddr>()
+                .expect("ES address"),
+        );
+        let es_url = format!("http://127.0.0.1:{}", es.port);
+        let amqp = env.amqp().await;
+        amqp.declare_work_queues().await;
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut w = env.start_writer(&[
+            ("HTTP_ADDR", addr.as_str()),
+            ("ELASTICSEARCH_URL", es_url.as_str()),
+        ]);
+        env.wait_consuming(&mut w).await;
+        let wr = &w;
+        wait_until(
+            "index created and backfilled",
+            WAIT,
+            POLL,
+            move || async move { wr.log().contains("backfill: done, 0 documents") },
+        )
+        .await;
+
+        es.pause();
+        let cut = std::time::Instant::now();
+        for n in 1..=5 {
+            amqp.publish_json("create_messages", &message(CHAT_ID, n), Some(T1))
+                .await;
+        }
+        let e = &env;
+        wait_until("5 rows", WAIT, POLL, move || async move {
+            e.db.count("messages", "1=1").await == 5
+        })
+        .await;
+        let a = addr.as_str();
+        // The monitor ages the held messages every 5 s.
+        wait_until("index lag >= 6 s while down", WAIT, POLL, move || async move {
+            scrape(a).value("chat_writer_index_lag_seconds", &[]) >= Some(6.0)
+        })
+        .await;
+        let m = scrape(&addr);
+        let backlog = m.must("chat_writer_index_backlog_messages", &[]);
+        // One index message per committed batch: 1 to 5 of them, all held.
+        assert!(
+            (1.0..=5.0).contains(&backlog),
+            "backlog {backlog}\n{}",
+            m.text
+        );
+        let lag = m.must("chat_writer_index_lag_seconds", &[]);
+        assert!(
+            lag <= cut.elapsed().as_secs_f64() + 0.5,
+            "lag {lag} s exceeds the outage {:?}",
+            cut.elapsed()
+        );
+        assert_eq!(
+            m.must("chat_writer_up", &[("dependency", "elasticsearch")]),
+            0.0
+        );
+        assert_eq!(m.must("chat_writer_index_documents_total", &[]), 0.0);
+
+        es.resume();
+        wait_until("5 documents indexed", WAIT, POLL, move || async move {
+            scrape(a).value("chat_writer_index_documents_total", &[]) == Some(5.0)
+        })
+        .await;
+        // Idle (nothing received for 3 s): backlog and lag read 0.
+        wait_until(
+            "idle: lag 0 and backlog 0",
+            WAIT,
+            POLL,
+            move || async move {
+                let m = scrape(a);
+                m.value("chat_writer_index_lag_seconds", &[]) == Some(0.0)
+                    && m.value("chat_writer_index_backlog_messages", &[]) == Some(0.0)
+            },
+        )
+        .await;
+        assert_eq!(
+            scrape(&addr).must("chat_writer_up", &[("dependency", "elasticsearch")]),
+            1.0
+        );
+        w.stop();
+        amqp.close().await;
+    });
+}

@@ -209,6 +209,15 @@ impl Config {
     /// Errors: as [`Config::from_env`]; a bad value taken from the file has
     /// [`ConfigError::origin`] set to its file and line.
     pub fn from_env_and_file(file: Option<&EnvFile>) -> Result<Config, ConfigError> {
+        // A variable set to bytes that are not UTF-8 is set, not absent: it
+        // must not fall through to the file or the default.
+        for v in VARIABLES {
+            if let Some(raw) = std::env::var_os(v.name) {
+                if let Err(raw) = raw.into_string() {
+                    return Err(err(v.name, &raw.to_string_lossy(), "valid UTF-8"));
+                }
+            }
+        }
         Config::from_layers(|name| std::env::var(name).ok(), file)
     }
 

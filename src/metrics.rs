@@ -118,6 +118,9 @@ pub struct Metrics {
     pub retried: Family<QueueLabel, Counter>,
     /// Deliveries dead-lettered (malformed, refused, or out of delay tiers).
     pub dead_lettered: Family<QueueLabel, Counter>,
+    /// Deliveries taken but left unacked (shutdown during a MySQL retry, a
+    /// broker failure before the ack): redelivered and received again.
+    pub abandoned: Family<QueueLabel, Counter>,
     /// MySQL attempts that failed and were retried in place (CONTRACT section 6).
     pub write_errors: Family<QueueLabel, Counter>,
     /// Deliveries per batch.
@@ -168,6 +171,7 @@ impl Metrics {
             duplicates: Family::default(),
             retried: Family::default(),
             dead_lettered: Family::default(),
+            abandoned: Family::default(),
             write_errors: Family::default(),
             batch_size: Family::new_with_constructor(batch_size_buckets),
             batch_commit: Family::new_with_constructor(seconds_buckets),
@@ -219,6 +223,11 @@ impl Metrics {
             "deliveries_dead_lettered",
             "Deliveries sent to the dead-letter queue",
             m.dead_lettered.clone(),
+        );
+        r.register(
+            "deliveries_abandoned",
+            "Deliveries taken but left unacked (redelivered later)",
+            m.abandoned.clone(),
         );
         r.register(
             "mysql_write_errors",
@@ -297,6 +306,7 @@ impl Metrics {
                 &m.duplicates,
                 &m.retried,
                 &m.dead_lettered,
+                &m.abandoned,
                 &m.write_errors,
             ] {
                 let _ = f.get_or_create(&l);

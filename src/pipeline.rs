@@ -68,6 +68,9 @@ pub struct Context {
 pub async fn run(ctx: &Context, mut consumer: BatchConsumer) -> Result<(), String> {
     let queue = consumer.queue().to_string();
     let queue = queue.as_str();
+    // Declared before the futures that borrow it, so it is dropped after them.
+    let in_hand = InHand::new(queue);
+    let in_hand = &in_hand;
     let mut settling: Option<Settling<'_>> = None;
     loop {
         let next = async {
@@ -78,6 +81,7 @@ pub async fn run(ctx: &Context, mut consumer: BatchConsumer) -> Result<(), Strin
             let m = metrics::get();
             let label = Metrics::queue(queue);
             m.received.get_or_create(&label).inc_by(batch.len() as u64);
+            in_hand.taken(batch.len());
             m.batch_size
                 .get_or_create(&label)
                 .observe(batch.len() as f64);
@@ -100,11 +104,48 @@ pub async fn run(ctx: &Context, mut consumer: BatchConsumer) -> Result<(), Strin
         let Some((batch, written)) = next? else {
             return Ok(());
         };
-        let current = settle(ctx, queue, batch, written);
+        let current = settle(ctx, queue, batch, written, in_hand);
         if ctx.shutdown.is_triggered() {
             return current.await;
         }
         settling = Some(Box::pin(current));
+    }
+}
+
+/// Deliveries of one consumer taken and not yet acked. Whatever is still in
+/// hand when the consumer stops (shutdown during a MySQL retry, a broker
+/// failure, the task cancelled by a reconnect) was left unacked: it is
+/// counted in `chat_writer_deliveries_abandoned_total` when this is dropped,
+/// and received again when redelivered.
+struct InHand {
+    queue: &'static str,
+    n: std::cell::Cell<usize>,
+}
+
+impl InHand {
+    fn new(queue: &str) -> InHand {
+        InHand {
+            queue: Metrics::queue(queue).queue,
+            n: std::cell::Cell::new(0),
+        }
+    }
+    fn taken(&self, n: usize) {
+        self.n.set(self.n.get() + n);
+    }
+    fn settled(&self, n: usize) {
+        self.n.set(self.n.get().saturating_sub(n));
+    }
+}
+
+impl Drop for InHand {
+    fn drop(&mut self) {
+        let n = self.n.get();
+        if n > 0 {
+            metrics::get()
+                .abandoned
+                .get_or_create(&crate::metrics::QueueLabel { queue: self.queue })
+                .inc_by(n as u64);
+        }
     }
 }
 
@@ -258,6 +299,7 @@ async fn settle(
     queue: &str,
     batch: Vec<Delivery>,
     w: Written,
+    in_hand: &InHand,
 ) -> Result<(), String> {
     let Written {
         started,
@@ -356,6 +398,7 @@ async fn settle(
         .ack(BasicAckOptions { multiple: true })
         .await
         .map_err(|e| format!("ack on {queue}: {e}"))?;
+    in_hand.settled(batch.len());
     record(queue, &batch, &summary, now, write_time);
     log::debug!(
         "batch queue={queue} size={} stored={} retried={} dead_lettered={} first_tag={} last_tag={} write_us={} publish_us={} duration_us={}",

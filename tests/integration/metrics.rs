@@ -293,3 +293,78 @@ fn index_backlog_and_lag_move_while_elasticsearch_is_down() {
         amqp.close().await;
     });
 }
+
+/// A batch taken while MySQL hangs and then cut off by a broker
+/// disconnection is counted as abandoned; its redelivery is received again
+/// and stored once, so `received = stored + retried + dead_lettered +
+/// abandoned` still holds exactly.
+#[test]
+fn abandoned_deliveries_keep_the_received_identity() {
+    let env = TestEnv::new("metrics_abandoned");
+    smol::block_on(async {
+        env.migrate_and_seed().await;
+        let mysql = Proxy::start("127.0.0.1:3306".parse::<SocketAddr>().unwrap());
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mysql_port = mysql.port.to_string();
+        let amqp = env.amqp().await;
+        amqp.declare_work_queues().await;
+        let mut w = env.start_writer(&[
+            ("HTTP_ADDR", addr.as_str()),
+            ("DATABASE_PORT", mysql_port.as_str()),
+        ]);
+        env.wait_consuming(&mut w).await;
+        let a = addr.as_str();
+        let cm = [("queue", "create_messages")];
+
+        mysql.pause();
+        for n in 1..=3 {
+            amqp.publish_json("create_messages", &message(CHAT_ID, n), Some(T1))
+                .await;
+        }
+        wait_until(
+            "a batch taken (and stuck on MySQL)",
+            WAIT,
+            POLL,
+            move || async move {
+                scrape(a).value("chat_writer_deliveries_received_total", &cm) >= Some(1.0)
+            },
+        )
+        .await;
+        assert!(crate::common::faults::close_writer_connections(&env.vhost, "test") >= 1);
+        wait_until(
+            "the stuck batch counted as abandoned",
+            WAIT,
+            POLL,
+            move || async move {
+                scrape(a).value("chat_writer_deliveries_abandoned_total", &cm) >= Some(1.0)
+            },
+        )
+        .await;
+        mysql.resume();
+        let e = &env;
+        wait_until("3 rows", WAIT, POLL, move || async move {
+            e.db.count("messages", "1=1").await == 3
+        })
+        .await;
+        wait_until("3 stored", WAIT, POLL, move || async move {
+            scrape(a).value("chat_writer_deliveries_stored_total", &cm) == Some(3.0)
+        })
+        .await;
+        let m = scrape(&addr);
+        let abandoned = m.must("chat_writer_deliveries_abandoned_total", &cm);
+        assert!((1.0..=3.0).contains(&abandoned), "{}", m.text);
+        assert_eq!(
+            m.must("chat_writer_deliveries_received_total", &cm),
+            3.0 + abandoned,
+            "{}",
+            m.text
+        );
+        assert_eq!(m.must("chat_writer_deliveries_retried_total", &cm), 0.0);
+        assert_eq!(
+            m.must("chat_writer_deliveries_dead_lettered_total", &cm),
+            0.0
+        );
+        w.stop();
+        amqp.close().await;
+    });
+}

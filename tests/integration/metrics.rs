@@ -20,6 +20,18 @@ fn message(chat_id: i64, number: i64) -> serde_json::Value {
            "body": format!("body {number}")})
 }
 
+/// Waits until the writer has created the index and backfilled it from
+/// MySQL (empty then), so no backfilled document is counted later.
+async fn wait_empty_index(w: &crate::common::Writer) {
+    wait_until(
+        "index created and backfilled",
+        WAIT,
+        POLL,
+        move || async move { w.log().contains("backfill: done, 0 documents") },
+    )
+    .await;
+}
+
 #[test]
 fn metrics_count_what_was_published_stored_and_dead_lettered() {
     let env = TestEnv::new("metrics_counts");
@@ -35,16 +47,7 @@ fn metrics_count_what_was_published_stored_and_dead_lettered() {
         ]);
         env.wait_consuming(&mut w).await;
         let e = &env;
-        // The writer creates the index and backfills it from MySQL (empty
-        // here) before any row exists, so no backfilled document is counted.
-        let wr = &w;
-        wait_until(
-            "index created and backfilled",
-            WAIT,
-            POLL,
-            move || async move { wr.log().contains("backfill: done, 0 documents") },
-        )
-        .await;
+        wait_empty_index(&w).await;
 
         // 10 new messages, then the same number 3 again (a duplicate), one
         // malformed payload, one message of a chat that never comes (one
@@ -222,14 +225,7 @@ fn index_backlog_and_lag_move_while_elasticsearch_is_down() {
             ("ELASTICSEARCH_URL", es_url.as_str()),
         ]);
         env.wait_consuming(&mut w).await;
-        let wr = &w;
-        wait_until(
-            "index created and backfilled",
-            WAIT,
-            POLL,
-            move || async move { wr.log().contains("backfill: done, 0 documents") },
-        )
-        .await;
+        wait_empty_index(&w).await;
 
         es.pause();
         let cut = std::time::Instant::now();

@@ -147,9 +147,12 @@ fn main() -> ExitCode {
             }
         }
         ["healthcheck"] => {
+            // 0 or 1 only (CONTRACT section 1; Docker reserves 2): bad
+            // configuration is reported the same way, then counts as
+            // unhealthy.
             let cfg = match load_config() {
                 Ok(c) => c,
-                Err(code) => return code,
+                Err(_) => return ExitCode::from(1),
             };
             let Some(addr) = cfg.http_addr else {
                 eprintln!("chat-writer healthcheck: HTTP_ADDR is empty, the endpoint is disabled");

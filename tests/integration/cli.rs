@@ -530,19 +530,24 @@ fn env_file_missing_exits_2_naming_the_path() {
 }
 
 /// A variable set to bytes that are not UTF-8 is a configuration error
-/// naming it (exit 2), not an unset variable that a file or default fills.
+/// naming it (exit 2), not an unset variable that a file or default fills;
+/// `healthcheck` reports it the same way but exits 1 (CONTRACT section 1:
+/// 0 or 1; Docker reserves 2).
 #[test]
 fn non_utf8_environment_value_exits_2() {
     use std::os::unix::ffi::OsStrExt;
-    let out = std::process::Command::new(crate::common::BIN)
-        .arg("healthcheck")
-        .env("HTTP_ADDR", std::ffi::OsStr::from_bytes(b"127.0.0.1:\xff"))
-        .output()
-        .expect("run chat-writer");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert_eq!(
-        stderr.trim_end(),
-        "chat-writer: invalid configuration: HTTP_ADDR=\"127.0.0.1:\u{fffd}\": expected valid UTF-8"
-    );
+    for (sub, code) in [("migrate", 2), ("healthcheck", 1)] {
+        let out = std::process::Command::new(crate::common::BIN)
+            .arg(sub)
+            .env("HTTP_ADDR", std::ffi::OsStr::from_bytes(b"127.0.0.1:\xff"))
+            .output()
+            .expect("run chat-writer");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{sub}: {stderr}");
+        assert_eq!(
+            stderr.trim_end(),
+            "chat-writer: invalid configuration: HTTP_ADDR=\"127.0.0.1:\u{fffd}\": expected valid UTF-8",
+            "{sub}"
+        );
+    }
 }

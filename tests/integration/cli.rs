@@ -448,57 +448,35 @@ fn environment_wins_over_env_file() {
 /// line. Nothing is connected to, so no test environment is needed.
 #[test]
 fn env_file_bad_line_exits_2_naming_file_and_line() {
-    let file = EnvFile::new(
-        "bad-line",
-        "# comment\nSOMETHING_ELSE=1\n\nthis is not an assignment\n",
-    );
-    let (code, err) = run_with(
-        "envfile-bad-line",
-        &["--env-file", file.path(), "migrate"],
-        &BTreeMap::new(),
-    );
-    assert_eq!(code, Some(2), "stderr: {err}");
-    assert_eq!(
-        err,
-        format!(
+    // (name, file content, expected stderr with {} for the file's path)
+    let cases = [
+        (
+            "bad-line",
+            "# comment\nSOMETHING_ELSE=1\n\nthis is not an assignment\n",
             "chat-writer: --env-file {} line 4: expected KEY=VALUE, got \"this is not an assignment\"\n",
-            file.path()
-        )
-    );
-
-    let file = EnvFile::new("bad-key", "DATABASE-NAME=x\n");
-    let (code, err) = run_with(
-        "envfile-bad-key",
-        &["--env-file", file.path(), "migrate"],
-        &BTreeMap::new(),
-    );
-    assert_eq!(code, Some(2), "stderr: {err}");
-    assert_eq!(
-        err,
-        format!(
+        ),
+        (
+            "bad-key",
+            "DATABASE-NAME=x\n",
             "chat-writer: --env-file {} line 1: invalid key \"DATABASE-NAME\": expected [A-Za-z_][A-Za-z0-9_]*\n",
-            file.path()
-        )
-    );
-
-    let file = EnvFile::new(
-        "bad-value",
-        "DATABASE_HOST=127.0.0.1\nRABBITMQ_PREFETCH_COUNT=many\n",
-    );
-    let (code, err) = run_with(
-        "envfile-bad-value",
-        &["--env-file", file.path(), "migrate"],
-        &BTreeMap::new(),
-    );
-    assert_eq!(code, Some(2), "stderr: {err}");
-    assert_eq!(
-        err,
-        format!(
+        ),
+        (
+            "bad-value",
+            "DATABASE_HOST=127.0.0.1\nRABBITMQ_PREFETCH_COUNT=many\n",
             "chat-writer: invalid configuration: RABBITMQ_PREFETCH_COUNT=\"many\": \
              expected an integer from 1 to 65535 (from --env-file {} line 2)\n",
-            file.path()
-        )
-    );
+        ),
+    ];
+    for (name, content, expected) in cases {
+        let file = EnvFile::new(name, content);
+        let (code, err) = run_with(
+            &format!("envfile-{name}"),
+            &["--env-file", file.path(), "migrate"],
+            &BTreeMap::new(),
+        );
+        assert_eq!(code, Some(2), "{name}: stderr: {err}");
+        assert_eq!(err, expected.replace("{}", file.path()), "{name}");
+    }
 }
 
 /// A file that does not exist exits 2 naming the path and the OS error;

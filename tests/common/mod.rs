@@ -438,12 +438,32 @@ impl Drop for TestEnv {
     }
 }
 
-/// A TCP port that was free a moment ago.
+/// A TCP port on 127.0.0.1 that was free a moment ago and that no other
+/// caller in this test process has been given.
+///
+/// Ports come from 21000..25000, below the kernel's ephemeral range
+/// (32768..60999 here), so neither `bind(0)` in another server nor an
+/// outbound connection of a writer can take the port between this check
+/// and its use. Asking the kernel for port 0 instead once handed two
+/// replicas the same port (CI, replicas test). The start is spread by the
+/// process id so two test runs at once rarely probe the same ports.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind 127.0.0.1:0")
+    const FIRST: u32 = 21_000;
+    const SPAN: u32 = 4_000;
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    let start = (std::process::id().wrapping_mul(7_919) + given.len() as u32) % SPAN;
+    for i in 0..SPAN {
+        let port = (FIRST + (start + i) % SPAN) as u16;
+        if given.contains(&port) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
+            return port;
+        }
+    }
+    panic!("no free port in {FIRST}..{}", FIRST + SPAN);
 }
 
 /// Polls `check` every `poll` until it returns `Some`, or panics after

@@ -17,6 +17,7 @@
 #        steady     R msgs/s for T s: publish->row and publish->document
 #                   latency p50/p99/max, per-second series and a PNG plot;
 #                   then the same rate with indexing off (rows only)
+#        endpoint   idle RSS with the HTTP endpoint on (scraped) vs off
 #        binary     size of the stripped static binary
 #      and optionally: memory (10,000 vs 1,000,000 backlog), A/B of two
 #      binaries, a diagnostic drain with RUST_LOG=debug (batch statistics);
@@ -140,6 +141,9 @@ say "steady $RATE msgs/s for $SECS s with indexing off (the MySQL path alone)"
   sed '1d' "$OUT/mysql-only/steady.md"; } >"$OUT/steady-mysql-only.md"
 cp "$OUT/mysql-only/steady.json" "$OUT/steady-mysql-only.json"
 
+say "HTTP endpoint: idle RSS on (scraped) vs off ($REPS pairs)"
+"${L[@]}" endpoint --writer "$WRITER" --reps "$REPS" >/dev/null
+
 if [[ -n "$DEBUGLOG" ]]; then
   say "diagnostic drain with RUST_LOG=debug"
   "${L[@]}" --out "$OUT/debug" backlog --writer "$WRITER" -n "$N" --reps 1 \
@@ -185,14 +189,14 @@ printf '{"bytes": %s, "mib": %s, "linkage": "%s"}\n' "$SIZE" \
   echo "load average at the end $(cut -d' ' -f1-3 /proc/loadavg); command: \`perf/run.sh${QUICK:+ --quick}\`."
   echo "Services on the same machine: MariaDB, RabbitMQ, Redis, osmem-server ($ES_URL)."
   echo
-  for part in roofline backlog backlog-mysql-only steady steady-mysql-only debug-backlog memory ab binary; do
+  for part in roofline backlog backlog-mysql-only steady steady-mysql-only endpoint debug-backlog memory ab binary; do
     [[ -f "$OUT/$part.md" ]] && { cat "$OUT/$part.md"; echo; }
   done
 } >"$OUT/report.md"
 {
   echo "{"
   sep=""
-  for part in roofline backlog backlog-mysql-only steady steady-mysql-only memory ab binary; do
+  for part in roofline backlog backlog-mysql-only steady steady-mysql-only endpoint memory ab binary; do
     if [[ -f "$OUT/$part.json" ]]; then
       printf '%s"%s": ' "$sep" "${part//-/_}"; cat "$OUT/$part.json"; sep=","
     fi

@@ -13,7 +13,9 @@
 //!   (`steady.rs`), with a PNG plot (`plot.rs`);
 //! - `ab`: backlog + steady against two binaries alternately (`ab.rs`);
 //! - `memory`: one backlog drain per size (10,000 vs 1,000,000) to show
-//!   peak RSS does not grow with the backlog.
+//!   peak RSS does not grow with the backlog;
+//! - `endpoint`: idle RSS with the HTTP endpoint on (and scraped) vs off
+//!   (`endpoint.rs`).
 //!
 //! Every run works in resources of its own, named `perf_<pid>_<seq>_<tag>`:
 //! a MySQL database, a RabbitMQ vhost (`rabbitmqctl add_vhost`), an index;
@@ -23,6 +25,7 @@
 mod ab;
 mod backlog;
 mod common;
+mod endpoint;
 mod plot;
 mod roofline;
 mod steady;
@@ -35,7 +38,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 const USAGE: &str = "\
-usage: load <roofline|backlog|steady|ab|memory> [flags]   (flags before or after)
+usage: load <roofline|backlog|steady|ab|memory|endpoint> [flags]   (flags before or after)
 
 common flags:
   --es URL            Elasticsearch/OpenSearch (default $ELASTICSEARCH_URL or http://127.0.0.1:9200)
@@ -55,7 +58,8 @@ backlog:   --writer PATH  -n N (100000)  --roofline FILE (reuse; else measured f
 steady:    --writer PATH  --rate R (2000)  --secs T (20)  --font TTF
 ab:        --a PATH --b PATH  --rounds K (3)  -n N (20000)  --rate R (2000)  --secs T (10)
            --roofline FILE
-memory:    --writer PATH  --sizes LIST (10000,1000000)";
+memory:    --writer PATH  --sizes LIST (10000,1000000)
+endpoint:  --writer PATH  --reps K (5)";
 
 struct Args {
     cmd: String,
@@ -268,6 +272,12 @@ async fn run(a: Args) -> Res<()> {
             let (v, md) = backlog::memory(&a.s, &writer, &a.sizes).await?;
             println!("{md}");
             write_outputs(&a.s, "memory", &v, &md)
+        }
+        "endpoint" => {
+            let writer = need_writer(&a)?;
+            let (v, md) = endpoint::run(&a.s, &writer, a.reps.unwrap_or(5)).await?;
+            println!("{md}");
+            write_outputs(&a.s, "endpoint", &v, &md)
         }
         other => Err(format!("unknown subcommand {other:?} (see --help)")),
     }

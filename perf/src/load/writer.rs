@@ -94,10 +94,22 @@ pub struct Writer {
 
 impl Writer {
     pub fn start(bin: &str, sb: &Sandbox, log: &Path) -> Res<Writer> {
+        Self::start_with(bin, sb, log, &[])
+    }
+
+    /// [`Writer::start`] with `extra` variables over the sandbox's
+    /// environment (a later value wins), e.g. `HTTP_ADDR`.
+    pub fn start_with(
+        bin: &str,
+        sb: &Sandbox,
+        log: &Path,
+        extra: &[(String, String)],
+    ) -> Res<Writer> {
         let file = std::fs::File::create(log).ctx(&format!("creating {}", log.display()))?;
         let started = Instant::now();
         let child = Command::new(bin)
             .envs(sb.writer_env())
+            .envs(extra.iter().cloned())
             .stdin(Stdio::null())
             .stdout(file.try_clone().ctx("log file")?)
             .stderr(file)

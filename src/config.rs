@@ -26,8 +26,8 @@ pub struct Variable {
 }
 
 /// Every variable the writer reads, in `--help` order (CONTRACT section 2,
-/// plus `RETRY_DELAYS` from section 3 "Topology" and `HTTP_ADDR` from
-/// section 1, `chat-writer healthcheck`).
+/// plus `RETRY_DELAYS` from section 3 "Topology", `MYSQL_REQUEUE_AFTER`
+/// from section 6 and `HTTP_ADDR` from section 1, `chat-writer healthcheck`).
 pub const VARIABLES: &[Variable] = &[
     Variable {
         name: "DATABASE_HOST",
@@ -103,6 +103,11 @@ pub const VARIABLES: &[Variable] = &[
         name: "SHUTDOWN_TIMEOUT",
         default: "30s",
         help: "hard deadline for graceful shutdown; same forms",
+    },
+    Variable {
+        name: "MYSQL_REQUEUE_AFTER",
+        default: "30s",
+        help: "a batch MySQL has failed for this long goes back to its queue and the consumer pauses until MySQL answers (another replica takes it); same forms",
     },
     Variable {
         name: "RETRY_DELAYS",
@@ -185,6 +190,9 @@ pub struct Config {
     pub db_max_idle_conns: usize,
     /// Hard deadline for graceful shutdown.
     pub shutdown_timeout: Duration,
+    /// How long a batch may fail to reach MySQL before its consumer hands
+    /// its deliveries back to the queue and pauses (`MYSQL_REQUEUE_AFTER`).
+    pub mysql_requeue_after: Duration,
     /// Delayed-retry tiers, shortest first.
     pub retry_delays: Vec<Duration>,
     /// Address of the health endpoint; `None` disables it.
@@ -376,6 +384,7 @@ impl Config {
             db_max_open_conns,
             db_max_idle_conns,
             shutdown_timeout: duration("SHUTDOWN_TIMEOUT", &get("SHUTDOWN_TIMEOUT"))?,
+            mysql_requeue_after: duration("MYSQL_REQUEUE_AFTER", &get("MYSQL_REQUEUE_AFTER"))?,
             retry_delays,
             http_addr,
             log_level,
@@ -469,6 +478,25 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
 
+    /// README's configuration table lists exactly [`VARIABLES`], each with
+    /// its default, in the same order (`--help` prints the same list).
+    #[test]
+    fn readme_table_matches_variables() {
+        let readme = include_str!("../README.md");
+        let rows: Vec<(&str, &str)> = readme
+            .lines()
+            .skip_while(|l| *l != "| variable | default | meaning |")
+            .skip(2)
+            .take_while(|l| l.starts_with('|'))
+            .filter_map(|l| {
+                let mut cells = l.split('|').map(str::trim).skip(1);
+                Some((cells.next()?, cells.next()?))
+            })
+            .collect();
+        let want: Vec<(&str, &str)> = VARIABLES.iter().map(|v| (v.name, v.default)).collect();
+        assert_eq!(rows, want);
+    }
+
     fn cfg(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
         let map: HashMap<String, String> = pairs
             .iter()
@@ -498,6 +526,7 @@ mod tests {
         assert_eq!(c.db_max_open_conns, 10);
         assert_eq!(c.db_max_idle_conns, 5);
         assert_eq!(c.shutdown_timeout, Duration::from_secs(30));
+        assert_eq!(c.mysql_requeue_after, Duration::from_secs(30));
         assert_eq!(
             c.retry_delays,
             [1, 5, 30, 120, 600].map(Duration::from_secs).to_vec()
@@ -540,6 +569,7 @@ mod tests {
             ("COUNT_SYNC_INTERVAL", "soon"),
             ("COUNT_RECONCILE_INTERVAL", "0s"),
             ("SHUTDOWN_TIMEOUT", "-3"),
+            ("MYSQL_REQUEUE_AFTER", "0"),
             ("DB_MAX_OPEN_CONNS", "0"),
             ("DB_MAX_IDLE_CONNS", "11"),
             ("RUST_LOG", "loud"),

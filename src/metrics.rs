@@ -119,10 +119,16 @@ pub struct Metrics {
     /// Deliveries dead-lettered (malformed, refused, or out of delay tiers).
     pub dead_lettered: Family<QueueLabel, Counter>,
     /// Deliveries taken but left unacked (shutdown during a MySQL retry, a
-    /// broker failure before the ack): redelivered and received again.
+    /// broker failure before the ack) or given back to the queue (MySQL
+    /// failing for MYSQL_REQUEUE_AFTER): redelivered and received again.
     pub abandoned: Family<QueueLabel, Counter>,
     /// MySQL attempts that failed and were retried in place (CONTRACT section 6).
     pub write_errors: Family<QueueLabel, Counter>,
+    /// Times a consumer gave every delivery it held back to its queue and
+    /// paused, MySQL having failed a batch for MYSQL_REQUEUE_AFTER.
+    pub mysql_requeues: Family<QueueLabel, Counter>,
+    /// Work-queue consumers paused until MySQL answers again.
+    pub consumers_paused: Gauge,
     /// Deliveries per batch.
     pub batch_size: Hist<QueueLabel>,
     /// Time of a batch's MySQL write (the transaction and its retries), seconds.
@@ -173,6 +179,8 @@ impl Metrics {
             dead_lettered: Family::default(),
             abandoned: Family::default(),
             write_errors: Family::default(),
+            mysql_requeues: Family::default(),
+            consumers_paused: Gauge::default(),
             batch_size: Family::new_with_constructor(batch_size_buckets),
             batch_commit: Family::new_with_constructor(seconds_buckets),
             publish_to_commit: Family::new_with_constructor(lag_buckets),
@@ -226,13 +234,23 @@ impl Metrics {
         );
         r.register(
             "deliveries_abandoned",
-            "Deliveries taken but left unacked (redelivered later)",
+            "Deliveries taken but left unacked or given back (redelivered later)",
             m.abandoned.clone(),
         );
         r.register(
             "mysql_write_errors",
             "MySQL write attempts that failed and were retried in place",
             m.write_errors.clone(),
+        );
+        r.register(
+            "mysql_requeues",
+            "Times a consumer gave its deliveries back to the queue and paused: MySQL failed a batch for MYSQL_REQUEUE_AFTER",
+            m.mysql_requeues.clone(),
+        );
+        r.register(
+            "consumers_paused",
+            "Work-queue consumers paused until MySQL answers again",
+            m.consumers_paused.clone(),
         );
         r.register("batch_size", "Deliveries per batch", m.batch_size.clone());
         r.register_with_unit(
@@ -308,6 +326,7 @@ impl Metrics {
                 &m.dead_lettered,
                 &m.abandoned,
                 &m.write_errors,
+                &m.mysql_requeues,
             ] {
                 let _ = f.get_or_create(&l);
             }
@@ -396,6 +415,8 @@ pub fn readiness() -> Result<(), &'static str> {
         Err("rabbitmq: not consuming")
     } else if !m.is_up(Dependency::mysql) {
         Err("mysql: not answering")
+    } else if m.consumers_paused.get() > 0 {
+        Err("mysql: consumers paused after failed writes")
     } else {
         Ok(())
     }

@@ -54,6 +54,9 @@ pub struct Context {
     pub indexing: bool,
     /// Delay tiers (RETRY_DELAYS).
     pub retry_delays: Vec<Duration>,
+    /// How long a batch may fail to reach MySQL before its deliveries go
+    /// back to the queue and the consumer pauses (MYSQL_REQUEUE_AFTER).
+    pub mysql_requeue_after: Duration,
     /// The process-wide shutdown signal.
     pub shutdown: Shutdown,
 }
@@ -76,7 +79,7 @@ pub async fn run(ctx: &Context, mut consumer: BatchConsumer) -> Result<(), Strin
         let next = async {
             let taken: Result<_, String> = consumer.next_batch(&ctx.shutdown).await;
             let Some(batch) = taken? else {
-                return Ok(None);
+                return Ok(Step::Stop);
             };
             let m = metrics::get();
             let label = Metrics::queue(queue);
@@ -86,14 +89,15 @@ pub async fn run(ctx: &Context, mut consumer: BatchConsumer) -> Result<(), Strin
                 .get_or_create(&label)
                 .observe(batch.len() as f64);
             match write_batch(ctx, queue, &batch).await {
-                Ok(written) => Ok::<_, String>(Some((batch, written))),
-                Err(Interrupted) => {
+                Ok(written) => Ok::<_, String>(Step::Written(batch, written)),
+                Err(Unwritten::Shutdown) => {
                     log::info!(
                         "queue={queue}: shutdown during a retry; {} deliveries left unacked",
                         batch.len()
                     );
-                    Ok(None)
+                    Ok(Step::Stop)
                 }
+                Err(Unwritten::Requeue) => Ok(Step::Requeue(batch)),
             }
         };
         let (next, settled) = match settling.take() {
@@ -101,8 +105,25 @@ pub async fn run(ctx: &Context, mut consumer: BatchConsumer) -> Result<(), Strin
             None => (next.await, Ok(())),
         };
         settled?;
-        let Some((batch, written)) = next? else {
-            return Ok(());
+        let (batch, written) = match next? {
+            Step::Written(batch, written) => (batch, written),
+            Step::Stop => return Ok(()),
+            Step::Requeue(batch) => {
+                // The previous batch is settled: every unacked delivery on
+                // this channel is this batch's or not yet taken.
+                let taken = batch.len();
+                let requeued = requeue_all(ctx, &mut consumer, batch).await;
+                in_hand.settled(taken);
+                metrics::get()
+                    .abandoned
+                    .get_or_create(&Metrics::queue(queue))
+                    .inc_by(taken as u64);
+                requeued?;
+                if resume_when_mysql_answers(ctx, &mut consumer).await? {
+                    continue;
+                }
+                return Ok(());
+            }
         };
         let current = settle(ctx, queue, batch, written, in_hand);
         if ctx.shutdown.is_triggered() {
@@ -111,6 +132,79 @@ pub async fn run(ctx: &Context, mut consumer: BatchConsumer) -> Result<(), Strin
         settling = Some(Box::pin(current));
     }
 }
+
+/// What taking and writing one batch came to.
+enum Step {
+    /// Written to MySQL; to be settled.
+    Written(Vec<Delivery>, Written),
+    /// Shutdown: stop taking batches.
+    Stop,
+    /// MySQL kept failing: give the batch back ([`requeue_all`]).
+    Requeue(Vec<Delivery>),
+}
+
+/// Gives `batch` and every delivery the consumer holds back to the queue
+/// and stops consuming, so replicas that can reach MySQL take them
+/// (CONTRACT section 6: never acked, never dead-lettered;
+/// MYSQL_REQUEUE_AFTER). [`resume_when_mysql_answers`] follows.
+///
+/// Errors: the channel failed (the caller reconnects; the deliveries
+/// return to the queue with the channel).
+async fn requeue_all(
+    ctx: &Context,
+    consumer: &mut BatchConsumer,
+    batch: Vec<Delivery>,
+) -> Result<(), String> {
+    let m = metrics::get();
+    m.mysql_requeues
+        .get_or_create(&Metrics::queue(consumer.queue()))
+        .inc();
+    let n = consumer.requeue_all_and_pause(batch).await?;
+    m.consumers_paused.inc();
+    log::warn!(
+        "mysql: queue={} writes failing for {} s; gave {n} deliveries back to the queue; consuming again when MySQL answers",
+        consumer.queue(),
+        ctx.mysql_requeue_after.as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Waits until MySQL answers again (the monitor's probe, or a write error
+/// that MySQL itself returned), then consumes again.
+///
+/// Returns `Ok(true)` once consuming again, `Ok(false)` on shutdown.
+/// Errors: the channel failed (the caller reconnects).
+async fn resume_when_mysql_answers(
+    ctx: &Context,
+    consumer: &mut BatchConsumer,
+) -> Result<bool, String> {
+    let m = metrics::get();
+    let paused_at = Instant::now();
+    // A short pause even when MySQL already answers (the writes failed
+    // with an error MySQL itself returned, such as a lock wait timeout),
+    // so the same batch is not taken straight back.
+    let mut go_on = ctx.shutdown.sleep(PAUSE_MIN).await;
+    while go_on && !m.is_up(Dependency::mysql) {
+        go_on = ctx.shutdown.sleep(Duration::from_millis(250)).await;
+    }
+    let result = if go_on {
+        consumer.resume().await.map(|()| {
+            log::info!(
+                "mysql: queue={} answering again; consuming after a pause of {:.1} s",
+                consumer.queue(),
+                paused_at.elapsed().as_secs_f64()
+            );
+            true
+        })
+    } else {
+        Ok(false)
+    };
+    m.consumers_paused.dec();
+    result
+}
+
+/// The shortest pause of a consumer that gave its deliveries back.
+const PAUSE_MIN: Duration = Duration::from_secs(1);
 
 /// Deliveries of one consumer taken and not yet acked. Whatever is still in
 /// hand when the consumer stops (shutdown during a MySQL retry, a broker
@@ -152,8 +246,14 @@ impl Drop for InHand {
 /// The settle of the previous batch, still running.
 type Settling<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + 'a>>;
 
-/// Shutdown came while a batch could not be written; nothing acked.
-struct Interrupted;
+/// Why a batch was not written; nothing of it is acked.
+enum Unwritten {
+    /// Shutdown came while the batch could not be written.
+    Shutdown,
+    /// MySQL kept failing for MYSQL_REQUEUE_AFTER: the batch goes back to
+    /// the queue for a replica that can write it.
+    Requeue,
+}
 
 /// A batch written to MySQL, waiting to be settled.
 struct Written {
@@ -180,11 +280,7 @@ enum Fate {
     DeadLetter(String),
 }
 
-async fn write_batch(
-    ctx: &Context,
-    queue: &str,
-    batch: &[Delivery],
-) -> Result<Written, Interrupted> {
+async fn write_batch(ctx: &Context, queue: &str, batch: &[Delivery]) -> Result<Written, Unwritten> {
     let started = Instant::now();
     let now = now_micros();
     let mut fates: Vec<Fate> = Vec::with_capacity(batch.len());
@@ -475,16 +571,13 @@ const MYSQL_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(60);
 /// finish within [`SHUTDOWN_GRACE`] (its batch is then settled and acked);
 /// past it, or while backing off, it stops: nothing of the batch is acked,
 /// so it is redelivered and written again idempotently.
-async fn retry_in_place<T, F, Fut>(
-    ctx: &Context,
-    queue: &str,
-    mut write: F,
-) -> Result<T, Interrupted>
+async fn retry_in_place<T, F, Fut>(ctx: &Context, queue: &str, mut write: F) -> Result<T, Unwritten>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, mysql_async::Error>>,
 {
     let mut backoff = Backoff::default();
+    let started = Instant::now();
     loop {
         let attempt = smol::future::or(async { Some(write().await) }, async {
             async_io::Timer::after(MYSQL_ATTEMPT_TIMEOUT).await;
@@ -501,7 +594,7 @@ where
             None => within_grace(attempt.as_mut()).await,
         };
         let error = match outcome {
-            None => return Err(Interrupted),
+            None => return Err(Unwritten::Shutdown),
             Some(Some(Ok(v))) => {
                 metrics::get().set_up(Dependency::mysql, true);
                 if backoff.attempts() > 0 {
@@ -530,8 +623,17 @@ where
             "mysql: queue={queue} error_class=infrastructure retry={} error={error}",
             backoff.attempts() + 1
         );
-        if !backoff.wait(&ctx.shutdown).await {
-            return Err(Interrupted);
+        let failing_for = started.elapsed();
+        if failing_for >= ctx.mysql_requeue_after {
+            return Err(Unwritten::Requeue);
+        }
+        // Sleep the backoff, but wake for one last attempt when the batch
+        // is due to go back.
+        let delay = backoff
+            .next_delay()
+            .min(ctx.mysql_requeue_after - failing_for);
+        if !ctx.shutdown.sleep(delay).await {
+            return Err(Unwritten::Shutdown);
         }
     }
 }

@@ -236,6 +236,7 @@ async fn generation(
             markers: markers.clone(),
             indexing: es.is_some(),
             retry_delays: cfg.retry_delays.clone(),
+            mysql_requeue_after: cfg.mysql_requeue_after,
             shutdown: shutdown.clone(),
         });
         let (tx, rx) = smol::channel::unbounded::<Result<(), String>>();

@@ -15,7 +15,8 @@
 use crate::shutdown::Shutdown;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
@@ -126,12 +127,61 @@ impl BatchConsumer {
         if prefetch == self.prefetch {
             return Ok(());
         }
-        let queue = self.queue.clone();
-        let fail = |what: &str, e: &dyn std::fmt::Display| format!("{what} on {queue}: {e}");
         self.channel
             .basic_qos(prefetch, BasicQosOptions::default())
             .await
-            .map_err(|e| fail("basic.qos", &e))?;
+            .map_err(|e| format!("basic.qos on {}: {e}", self.queue))?;
+        self.cancel_and_carry().await?;
+        self.consume_again().await?;
+        self.prefetch = prefetch;
+        self.max = usize::from(prefetch);
+        Ok(())
+    }
+
+    /// Gives every delivery of this consumer back to the queue and stops
+    /// consuming, for a writer that cannot store them (MySQL unreachable
+    /// for MYSQL_REQUEUE_AFTER; CONTRACT section 6: never acked, never
+    /// dead-lettered): cancels the consumer (`basic.cancel`, waiting for
+    /// `cancel-ok`), then one `basic.nack` with `multiple` and `requeue`
+    /// through the highest tag held, so `held` (a batch taken and not
+    /// acked) and every delivery received but not yet taken return to the
+    /// queue, where other consumers get them. Every earlier batch must be
+    /// settled first (acks are in order on this channel).
+    /// [`BatchConsumer::resume`] consumes again.
+    ///
+    /// Returns how many deliveries were given back. Errors: the channel is
+    /// gone (the caller reconnects; the deliveries return anyway).
+    pub async fn requeue_all_and_pause(&mut self, held: Vec<Delivery>) -> Result<usize, String> {
+        self.cancel_and_carry().await?;
+        let last = held
+            .iter()
+            .chain(self.carried.iter())
+            .max_by_key(|d| d.delivery_tag);
+        let n = held.len() + self.carried.len();
+        if let Some(last) = last {
+            last.acker
+                .nack(BasicNackOptions {
+                    multiple: true,
+                    requeue: true,
+                })
+                .await
+                .map_err(|e| format!("basic.nack on {}: {e}", self.queue))?;
+        }
+        self.carried.clear();
+        Ok(n)
+    }
+
+    /// Consumes again after [`BatchConsumer::requeue_all_and_pause`], with
+    /// the same prefetch. Errors: the channel is gone.
+    pub async fn resume(&mut self) -> Result<(), String> {
+        self.consume_again().await
+    }
+
+    /// Cancels the current consumer and keeps the deliveries it had
+    /// received (still unacked on this channel) in `carried`.
+    async fn cancel_and_carry(&mut self) -> Result<(), String> {
+        let queue = self.queue.clone();
+        let fail = |what: &str, e: &dyn std::fmt::Display| format!("{what} on {queue}: {e}");
         let current = self.current_tag();
         self.channel
             .basic_cancel(current.as_str().into(), BasicCancelOptions::default())
@@ -147,17 +197,19 @@ impl BatchConsumer {
             .await;
             match next {
                 Some(Some(Ok(d))) => self.carried.push_back(d),
-                Some(None) => break,
+                Some(None) => return Ok(()),
                 Some(Some(Err(e))) => return Err(fail("cancelled consumer", &e)),
                 None => return Err(fail("cancelled consumer", &"no end within 5 s")),
             }
         }
+    }
+
+    /// `basic.consume` again on this channel under the next tag.
+    async fn consume_again(&mut self) -> Result<(), String> {
         self.reopened += 1;
         self.consumer = consume(&self.channel, &self.queue, &self.current_tag())
             .await
-            .map_err(|e| fail("basic.consume", &e))?;
-        self.prefetch = prefetch;
-        self.max = usize::from(prefetch);
+            .map_err(|e| format!("basic.consume on {}: {e}", self.queue))?;
         Ok(())
     }
 

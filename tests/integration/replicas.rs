@@ -569,3 +569,180 @@ fn three_writers_share_one_backlog() {
         amqp.close().await;
     });
 }
+
+/// A message of the seeded chat (`crate::common::CHAT_ID`, chat number 1).
+fn seeded_chat_message(number: i64) -> serde_json::Value {
+    serde_json::json!({"chat_id": crate::common::CHAT_ID, "token": crate::common::TOKEN,
+        "chat_number": 1, "number": number, "body": format!("body {number}")})
+}
+
+/// A replica that cannot reach MySQL does not sit on the deliveries it
+/// took: after MYSQL_REQUEUE_AFTER (2 s here) of failed writes it gives
+/// every one back to the queue and stops consuming that queue, so another
+/// replica stores them while the first is still cut off; when MySQL
+/// answers again it consumes again and takes a share.
+///
+/// Exactly: replica A (MySQL behind a paused proxy) stores nothing,
+/// requeues once, and every delivery it received is counted abandoned
+/// (`received = stored + retried + dead_lettered + abandoned` with
+/// stored = 0); replica B, started after A paused, stores all 200; A's
+/// `/readyz` is 503 while cut off and 200 after; then 200 more messages
+/// are shared (A stores some); 400 rows, each once; nothing dead-lettered.
+#[test]
+fn a_replica_without_mysql_gives_its_deliveries_to_the_others() {
+    use crate::common::faults::Proxy;
+    use crate::common::metrics::http_get;
+    let env = TestEnv::new("replicas_requeue");
+    smol::block_on(async {
+        const WAIT: Duration = Duration::from_secs(30);
+        env.migrate_and_seed().await;
+        let mysql = Proxy::start("127.0.0.1:3306".parse().expect("address"));
+        let mysql_port = mysql.port.to_string();
+        let (addr_a, addr_b) = (
+            format!("127.0.0.1:{}", free_port()),
+            format!("127.0.0.1:{}", free_port()),
+        );
+        let amqp = env.amqp().await;
+        amqp.declare_work_queues().await;
+        let mut a = env.start_writer(&[
+            ("HTTP_ADDR", addr_a.as_str()),
+            ("DATABASE_PORT", mysql_port.as_str()),
+            ("MYSQL_REQUEUE_AFTER", "2s"),
+            ("RABBITMQ_PREFETCH_COUNT", "256"),
+        ]);
+        env.wait_consuming(&mut a).await;
+        let cm = [("queue", "create_messages")];
+        let (aa, ab) = (addr_a.as_str(), addr_b.as_str());
+
+        // A alone, MySQL gone: it takes the messages, fails, gives them back.
+        mysql.pause();
+        for n in 1..=200 {
+            amqp.publish_json(
+                "create_messages",
+                &seeded_chat_message(n),
+                Some(crate::consumers::T1),
+            )
+            .await;
+        }
+        wait_until(
+            "replica A gave its deliveries back and paused",
+            WAIT,
+            POLL,
+            move || async move {
+                let m = scrape(aa);
+                m.value("chat_writer_mysql_requeues_total", &cm) == Some(1.0)
+                    && m.value("chat_writer_consumers_paused", &[]) == Some(1.0)
+            },
+        )
+        .await;
+        let e = &env;
+        wait_for(
+            "all 200 ready again, no consumer on create_messages",
+            WAIT,
+            POLL,
+            move || async move {
+                match e.queue_stats("create_messages") {
+                    Some((200, 0, 0)) => Ok(()),
+                    other => Err(format!("(ready, unacked, consumers) {other:?}")),
+                }
+            },
+        )
+        .await;
+        let (status, _, body) = http_get(aa, "/readyz").expect("GET /readyz");
+        assert_eq!(status, 503, "replica A /readyz while cut off: {body}");
+
+        // B takes all of them while A is still cut off.
+        let mut b = env.start_writer(&[
+            ("HTTP_ADDR", addr_b.as_str()),
+            ("RABBITMQ_PREFETCH_COUNT", "256"),
+        ]);
+        wait_until("200 rows stored by B", WAIT, POLL, move || async move {
+            e.db.count("messages", "1 = 1").await == 200
+        })
+        .await;
+        wait_until("B counted 200 stored", WAIT, POLL, move || async move {
+            scrape(ab).value("chat_writer_deliveries_stored_total", &cm) == Some(200.0)
+        })
+        .await;
+        let m = scrape(aa);
+        let got = |name: &str| m.must(name, &cm);
+        assert_eq!(
+            got("chat_writer_deliveries_stored_total"),
+            0.0,
+            "{}",
+            m.text
+        );
+        assert_eq!(got("chat_writer_mysql_requeues_total"), 1.0, "{}", m.text);
+        let received = got("chat_writer_deliveries_received_total");
+        assert!((1.0..=200.0).contains(&received), "{}", m.text);
+        assert_eq!(
+            got("chat_writer_deliveries_abandoned_total"),
+            received,
+            "{}",
+            m.text
+        );
+
+        // MySQL back: A consumes again and takes a share of new work.
+        mysql.resume();
+        wait_for(
+            "A consuming again (2 consumers on create_messages)",
+            WAIT,
+            POLL,
+            move || async move {
+                match e.queue_stats("create_messages") {
+                    Some((_, _, 2)) => Ok(()),
+                    other => Err(format!("(ready, unacked, consumers) {other:?}")),
+                }
+            },
+        )
+        .await;
+        wait_until("A ready again", WAIT, POLL, move || async move {
+            http_get(aa, "/readyz").is_ok_and(|(s, _, _)| s == 200)
+        })
+        .await;
+        for n in 201..=400 {
+            amqp.publish_json(
+                "create_messages",
+                &seeded_chat_message(n),
+                Some(crate::consumers::T1),
+            )
+            .await;
+        }
+        wait_until("400 rows", WAIT, POLL, move || async move {
+            e.db.count("messages", "1 = 1").await == 400
+        })
+        .await;
+        assert_eq!(
+            env.db
+                .count(
+                    "messages",
+                    &format!(
+                        "chat_id = {} AND number BETWEEN 1 AND 400",
+                        crate::common::CHAT_ID
+                    )
+                )
+                .await,
+            400
+        );
+        let (sa, sb) = (scrape(aa), scrape(ab));
+        let stored_a = sa.must("chat_writer_deliveries_stored_total", &cm);
+        let stored_b = sb.must("chat_writer_deliveries_stored_total", &cm);
+        assert!(
+            stored_a >= 1.0,
+            "A took no share after MySQL came back:\n{}",
+            sa.text
+        );
+        assert_eq!(stored_a + stored_b, 400.0, "{}\n{}", sa.text, sb.text);
+        assert_eq!(sa.must("chat_writer_consumers_paused", &[]), 0.0);
+        for s in [&sa, &sb] {
+            assert_eq!(
+                s.must("chat_writer_deliveries_dead_lettered_total", &cm),
+                0.0
+            );
+        }
+        assert_eq!(env.queue_stats("create_messages.dlq").map(|s| s.0), Some(0));
+        assert_eq!(a.stop().code, Some(0));
+        assert_eq!(b.stop().code, Some(0));
+        amqp.close().await;
+    });
+}

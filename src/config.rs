@@ -77,7 +77,7 @@ pub const VARIABLES: &[Variable] = &[
     Variable {
         name: "COUNT_SYNC_INTERVAL",
         default: "10s",
-        help: "count sync period: 500ms, 10s, 2m or bare seconds",
+        help: "count sync period: 500ms, 10s, 2m, 1h or bare seconds",
     },
     Variable {
         name: "COUNT_RECONCILE_INTERVAL",
@@ -87,7 +87,7 @@ pub const VARIABLES: &[Variable] = &[
     Variable {
         name: "RABBITMQ_PREFETCH_COUNT",
         default: "256",
-        help: "unacked deliveries per consumer (1..65535); also the largest batch",
+        help: "unacked deliveries per consumer (1..65535); a work-queue batch takes up to half",
     },
     Variable {
         name: "DB_MAX_OPEN_CONNS",
@@ -182,7 +182,7 @@ pub struct Config {
     pub count_sync_interval: Duration,
     /// Period of the full SCAN reconciliation.
     pub count_reconcile_interval: Duration,
-    /// Prefetch per consumer, and so the largest batch.
+    /// Prefetch per consumer; a work-queue batch takes up to half of it.
     pub prefetch: u16,
     /// MySQL pool maximum.
     pub db_max_open_conns: usize,

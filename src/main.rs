@@ -38,7 +38,8 @@ fn help() -> String {
             v.name, v.help
         ));
     }
-    s.push_str("\nEXIT CODES: 0 clean shutdown, 1 fatal error, 2 bad configuration or usage.\n");
+    s.push_str("\nEXIT CODES: 0 clean shutdown, 1 fatal error, 2 bad configuration or usage;\n");
+    s.push_str("  healthcheck: 0 healthy, 1 anything else (bad configuration included).\n");
     s
 }
 

@@ -11,7 +11,10 @@
 //!   `chat_writer.index` and the next cursor (both confirmed), then acks the
 //!   cursor it holds. The broker thus keeps the progress: a restart or a
 //!   SIGKILL resumes where it stopped, and with several writers only the
-//!   one holding the cursor works. At the end it sets the index's
+//!   one holding the cursor works. The requester claims the backfill in the
+//!   index's `_meta` and the pass renews the claim every [`CLAIM_REFRESH`],
+//!   so other replicas that see the unfinished index do not request passes
+//!   of their own (`watch`). At the end it sets the index's
 //!   `_meta.chat_writer.backfilled` marker. Documents carry `version = updated_at`,
 //!   so a backfill racing live updates never overwrites a newer body.
 //! - **`chat-writer reindex`**, for an index lost while no writer ran: the
@@ -28,12 +31,16 @@ use crate::backoff::Backoff;
 use crate::mysql::Store;
 use crate::shutdown::Shutdown;
 use serde::{Deserialize, Serialize};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// The durable queue holding the backfill cursor.
 pub const BACKFILL_QUEUE: &str = "chat_writer.backfill";
 /// Rows per chunk.
 pub const CHUNK: usize = 1000;
+/// How often a running backfill renews its claim on the index
+/// (`_meta.chat_writer.backfill_claimed_us`), well within
+/// [`super::watch::CLAIM_TTL`], so other replicas do not start their own.
+pub const CLAIM_REFRESH: Duration = Duration::from_secs(10);
 
 /// Where a backfill stands.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,6 +91,8 @@ pub async fn run(
     republisher: Republisher,
     shutdown: Shutdown,
 ) -> Result<(), String> {
+    // The writer that requested the backfill claimed it just before.
+    let mut claimed = Instant::now();
     loop {
         let Some(batch) = consumer.next_batch(&shutdown).await? else {
             return Ok(());
@@ -140,6 +149,15 @@ pub async fn run(
                 after_id: last.id,
                 done: cursor.done + rows.len() as u64,
             };
+            // Renewed before the next cursor exists: once it is published
+            // another writer may finish the pass and mark the index, and a
+            // late renewal would unmark it.
+            if claimed.elapsed() >= CLAIM_REFRESH {
+                claimed = Instant::now();
+                if let Err(e) = client.claim_backfill().await {
+                    log::warn!("backfill: cannot renew the claim on the index: {e}");
+                }
+            }
             publish_cursor(&republisher, next, &encode_bodies(&rows)).await?;
             if next.done % (CHUNK as u64 * 20) == 0 {
                 log::info!("backfill: {} documents queued for indexing", next.done);

@@ -15,12 +15,29 @@ use retry::BulkVerdict;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// The index mapping of the seed (CONTRACT section 7), plus a `_meta`
-/// marker of ours: `backfilled` turns true once every message row has been
-/// queued for indexing into this index (see `backfill`), so an index
-/// created while a backfill could not finish is backfilled on a later
-/// check, by this process or the next.
-pub const MAPPING: &str = r#"{"mappings":{"_meta":{"chat_writer":{"backfilled":false}},"properties":{"token":{"type":"keyword"},"chat_number":{"type":"integer"},"number":{"type":"integer"},"body":{"type":"text"},"created_at":{"type":"date"}}}}"#;
+/// The field mapping of the seed (CONTRACT section 7).
+pub const PROPERTIES: &str = r#"{"token":{"type":"keyword"},"chat_number":{"type":"integer"},"number":{"type":"integer"},"body":{"type":"text"},"created_at":{"type":"date"}}"#;
+
+/// The `_meta.chat_writer` object of an index whose backfill is not done:
+/// `backfilled` turns true once every message row has been queued for
+/// indexing into it (see `backfill`), so an index created while a backfill
+/// could not finish is backfilled on a later check, by this process or the
+/// next. `backfill_claimed_us` (microseconds since the epoch) says a writer
+/// has requested the backfill and is working on it: it is set when the
+/// index is created and refreshed while the backfill runs, so other
+/// replicas do not request one of their own while it is recent (`watch`).
+fn pending_meta(claimed_us: i64) -> String {
+    format!(r#"{{"chat_writer":{{"backfilled":false,"backfill_claimed_us":{claimed_us}}}}}"#)
+}
+
+/// The body that creates the index: [`PROPERTIES`] and a pending
+/// `_meta` claimed at `claimed_us`.
+pub fn create_body(claimed_us: i64) -> String {
+    format!(
+        r#"{{"mappings":{{"_meta":{},"properties":{PROPERTIES}}}}}"#,
+        pending_meta(claimed_us)
+    )
+}
 
 /// What the mapping of the index says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +51,9 @@ pub struct IndexState {
     pub auto_created: bool,
     /// The `_meta.chat_writer.backfilled` marker, if the index has one.
     pub backfilled: Option<bool>,
+    /// `_meta.chat_writer.backfill_claimed_us`: when a writer last said it
+    /// works on this index's backfill (microseconds since the epoch).
+    pub backfill_claimed_us: Option<i64>,
 }
 
 /// A client for one index at one base URL. Cheap to clone.
@@ -71,7 +91,7 @@ impl Client {
         &self,
         method: &'static str,
         path: String,
-        body: Option<&'static str>,
+        body: Option<String>,
     ) -> Result<(u16, String), String> {
         let this = self.clone();
         smol::unblock(move || {
@@ -81,7 +101,7 @@ impl Client {
                     .agent
                     .put(&url)
                     .header("Content-Type", "application/json")
-                    .send(b),
+                    .send(b.as_bytes()),
                 ("DELETE", _) => this.agent.delete(&url).call(),
                 _ => this.agent.get(&url).call(),
             };
@@ -160,6 +180,10 @@ impl Client {
             .first()
             .and_then(|m| m.pointer("/_meta/chat_writer/backfilled"))
             .and_then(|b| b.as_bool());
+        let backfill_claimed_us = indices
+            .first()
+            .and_then(|m| m.pointer("/_meta/chat_writer/backfill_claimed_us"))
+            .and_then(|b| b.as_i64());
         let ours = !indices.is_empty()
             && indices
                 .iter()
@@ -174,6 +198,7 @@ impl Client {
             ours,
             auto_created,
             backfilled,
+            backfill_claimed_us,
         })
     }
 
@@ -181,7 +206,22 @@ impl Client {
     ///
     /// Errors: unreachable, or an unexpected answer.
     pub async fn mark_backfilled(&self) -> Result<(), String> {
-        let body = r#"{"_meta":{"chat_writer":{"backfilled":true}}}"#;
+        self.put_meta(r#"{"chat_writer":{"backfilled":true}}"#.to_string())
+            .await
+    }
+
+    /// Sets `_meta.chat_writer` to "backfill pending, claimed now": done
+    /// before requesting a backfill and repeated while it runs, so other
+    /// replicas leave it to this one.
+    ///
+    /// Errors: unreachable, or an unexpected answer.
+    pub async fn claim_backfill(&self) -> Result<(), String> {
+        self.put_meta(pending_meta(crate::time::now_micros())).await
+    }
+
+    /// Replaces the index's `_meta` with `meta` (a JSON object).
+    async fn put_meta(&self, meta: String) -> Result<(), String> {
+        let body = format!(r#"{{"_meta":{meta}}}"#);
         let (status, text) = self.request("PUT", "/_mapping".into(), Some(body)).await?;
         match status {
             200 => Ok(()),
@@ -193,12 +233,14 @@ impl Client {
         }
     }
 
-    /// Creates the index with [`MAPPING`]. Returns `false` if it already
-    /// existed (someone else won the race).
+    /// Creates the index with the mapping ([`create_body`]), its backfill
+    /// claimed by this writer. Returns `false` if it already existed
+    /// (someone else won the race, and holds the claim).
     ///
     /// Errors: unreachable, or an unexpected answer.
     pub async fn create_index(&self) -> Result<bool, String> {
-        let (status, text) = self.request("PUT", String::new(), Some(MAPPING)).await?;
+        let body = create_body(crate::time::now_micros());
+        let (status, text) = self.request("PUT", String::new(), Some(body)).await?;
         match status {
             200 | 201 => Ok(true),
             400 if text.contains("resource_already_exists_exception") => Ok(false),

@@ -5,12 +5,15 @@
 //! each retry of a failed bulk, and when idle (every few seconds):
 //!
 //! - missing: created with the mapping, whose `_meta` marker says
-//!   `backfilled: false`;
+//!   `backfilled: false`, claimed by this writer; the writer whose creation
+//!   succeeded requests the backfill (with several replicas, one of them);
 //! - ours (token is a keyword) with `backfilled: false`: a backfill from
-//!   MySQL is requested, once per index per process. The backfill sets the
-//!   marker when every row is queued, so an index whose backfill was cut
-//!   short (a reconnect, a restart, a SIGKILL between creating the index and
-//!   queuing the backfill) is backfilled again by the next check;
+//!   MySQL is requested, once per index per process, unless another writer
+//!   claimed it less than [`CLAIM_TTL`] ago (the creator, or the backfill
+//!   running: it refreshes the claim). The backfill sets the marker when
+//!   every row is queued, so an index whose backfill was cut short (a
+//!   reconnect, a restart, a SIGKILL between creating the index and queuing
+//!   the backfill) is backfilled again once its claim is stale;
 //! - ours without a marker (created by an operator): adopted; backfilled
 //!   only if it replaced the index seen before while this process ran;
 //! - auto-created (a `_bulk` into a missing index makes Elasticsearch
@@ -22,6 +25,13 @@
 use super::Client;
 use std::time::{Duration, Instant};
 
+/// A backfill claimed this recently is left to the writer that claimed it;
+/// an older claim is taken over (its writer died before queuing the
+/// backfill, or the backfill has stalled: a second pass is harmless, only
+/// more work). The running backfill refreshes its claim far more often
+/// (`backfill::CLAIM_REFRESH`).
+pub const CLAIM_TTL: Duration = Duration::from_secs(60);
+
 /// What the watch last saw.
 #[derive(Debug, Default)]
 pub struct IndexWatch {
@@ -31,6 +41,9 @@ pub struct IndexWatch {
     settled: bool,
     /// The index a backfill was requested for by this process.
     requested: Option<String>,
+    /// The index whose backfill was seen claimed by another writer (logged
+    /// once).
+    deferred: Option<String>,
     last_check: Option<Instant>,
 }
 
@@ -58,8 +71,11 @@ impl IndexWatch {
                     "elasticsearch: index {} is missing; created it with the mapping",
                     client.index()
                 );
+                return self.adopt_new(client).await;
             }
-            return self.adopt_new(client).await;
+            // Another writer created it a moment ago, with its claim: the
+            // next check inspects it.
+            return Ok(false);
         };
         let replaced = self.known.as_deref().is_some_and(|k| k != uuid);
         if self.known.as_deref() == Some(uuid.as_str()) && self.settled {
@@ -72,8 +88,10 @@ impl IndexWatch {
                 client.index()
             );
             client.delete_index().await?;
-            client.create_index().await?;
-            return self.adopt_new(client).await;
+            if client.create_index().await? {
+                return self.adopt_new(client).await;
+            }
+            return Ok(false);
         }
         self.known = Some(uuid.clone());
         if !state.ours {
@@ -91,13 +109,35 @@ impl IndexWatch {
                 self.settled = true;
                 Ok(false)
             }
-            Some(false) => Ok(self.request_once(uuid)),
+            Some(false) => {
+                if self.requested.as_deref() == Some(uuid.as_str()) {
+                    return Ok(false);
+                }
+                let claimed_ago = state
+                    .backfill_claimed_us
+                    .map(|c| (crate::time::now_micros() - c).max(0) as u64)
+                    .map(Duration::from_micros);
+                if let Some(ago) = claimed_ago.filter(|a| *a < CLAIM_TTL) {
+                    if self.deferred.as_deref() != Some(uuid.as_str()) {
+                        log::info!(
+                            "elasticsearch: index {} is being backfilled by another writer (claimed {:.1} s ago)",
+                            client.index(),
+                            ago.as_secs_f64()
+                        );
+                        self.deferred = Some(uuid);
+                    }
+                    return Ok(false);
+                }
+                client.claim_backfill().await?;
+                Ok(self.request_once(uuid))
+            }
             None => {
-                self.settled = true;
                 if replaced {
                     log::warn!("elasticsearch: index {} was replaced", client.index());
+                    client.claim_backfill().await?;
                     self.requested = Some(uuid);
                 }
+                self.settled = true;
                 Ok(replaced)
             }
         }

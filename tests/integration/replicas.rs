@@ -746,3 +746,98 @@ fn a_replica_without_mysql_gives_its_deliveries_to_the_others() {
         amqp.close().await;
     });
 }
+
+/// Three writers started together on a database of 3,000 messages and a
+/// missing index: one creates the index and requests its backfill; the
+/// others see it claimed (`_meta.chat_writer.backfill_claimed_us`) and
+/// leave it, so every existing row is queued and indexed exactly once over
+/// all replicas (not once per replica), and the index ends marked
+/// backfilled.
+#[test]
+fn three_writers_backfill_a_new_index_once() {
+    const ROWS: i64 = 3_000;
+    let env = TestEnv::new("replicas_backfill");
+    smol::block_on(async {
+        const WAIT: Duration = Duration::from_secs(60);
+        env.migrate_and_seed().await;
+        let values: Vec<String> = (1..=ROWS)
+            .map(|n| {
+                format!(
+                    "({}, '{}', 1, {n}, 'old body {n}', UTC_TIMESTAMP(6), UTC_TIMESTAMP(6))",
+                    crate::common::CHAT_ID,
+                    crate::common::TOKEN
+                )
+            })
+            .collect();
+        env.db
+            .exec(&format!(
+                "INSERT INTO messages (chat_id, token, chat_number, number, body, created_at, updated_at) VALUES {}",
+                values.join(",")
+            ))
+            .await;
+        let addrs: Vec<String> = (0..REPLICAS)
+            .map(|_| format!("127.0.0.1:{}", free_port()))
+            .collect();
+        let mut writers: Vec<Writer> = addrs
+            .iter()
+            .map(|a| env.start_writer(&[("HTTP_ADDR", a.as_str())]))
+            .collect();
+        let es = &env.es;
+        let e = &env;
+        wait_for(
+            "3,000 documents, the index marked backfilled, the queues drained",
+            WAIT,
+            POLL,
+            move || async move {
+                let count = es.count().await;
+                let (_, mapping) = es
+                    .req("GET", &format!("/{}/_mapping", es.index), None)
+                    .await;
+                let marked = mapping[es.index.as_str()]["mappings"]["_meta"]["chat_writer"]
+                    ["backfilled"]
+                    .as_bool();
+                let q = e.list_queues();
+                let depth = |n: &str| q.get(n).map(|v| v.0);
+                let state = (
+                    count,
+                    marked,
+                    depth("chat_writer.index"),
+                    depth("chat_writer.backfill"),
+                );
+                if state == (Some(ROWS as u64), Some(true), Some(0), Some(0)) {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "(documents, marked, index queue, backfill queue) {state:?}"
+                    ))
+                }
+            },
+        )
+        .await;
+        let indexed: Vec<f64> = addrs
+            .iter()
+            .map(|a| scrape(a).must("chat_writer_index_documents_total", &[]))
+            .collect();
+        let logs: Vec<String> = writers.iter().map(|w| w.log()).collect();
+        let lines = |needle: &str| -> usize {
+            logs.iter()
+                .map(|l| l.lines().filter(|x| x.contains(needle)).count())
+                .sum()
+        };
+        eprintln!(
+            "[replicas_backfill] documents indexed per replica {indexed:?}; requests {}",
+            lines("backfill: requested")
+        );
+        assert_eq!(indexed.iter().sum::<f64>(), ROWS as f64, "{indexed:?}");
+        assert_eq!(lines("backfill: requested"), 1, "{logs:#?}");
+        assert_eq!(
+            lines(&format!("backfill: done, {ROWS} documents queued")),
+            1,
+            "{logs:#?}"
+        );
+        assert_eq!(lines("backfill: done"), 1, "{logs:#?}");
+        for w in writers.iter_mut() {
+            assert_eq!(w.stop().code, Some(0));
+        }
+    });
+}

@@ -269,8 +269,11 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 /// migrate`), used when no writer binary is at hand (roofline).
 pub const SCHEMA: &[&str] = chat_writer::mysql::TABLES;
 
-/// The index mapping (CONTRACT section 7): the writer's own.
-pub const MAPPING: &str = chat_writer::elasticsearch::MAPPING;
+/// The body creating the index with the mapping (CONTRACT section 7): the
+/// writer's own, its backfill claim long stale (no writer runs on it).
+pub fn index_body() -> String {
+    chat_writer::elasticsearch::create_body(0)
+}
 
 /// One run's own resources: database, vhost and index share the name.
 pub struct Sandbox {

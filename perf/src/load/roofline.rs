@@ -267,7 +267,7 @@ async fn fresh_index(sb: &Sandbox) -> Res<()> {
         &agent,
         "PUT",
         &sb.index_url(),
-        Some(MAPPING.as_bytes().to_vec()),
+        Some(index_body().into_bytes()),
     )
     .await?;
     if status != 200 {

@@ -137,7 +137,7 @@ pub async fn run(mysql: Opts, redis: std::rc::Rc<Redis>, indexing: bool, shutdow
                 String::new()
             };
             log::info!(
-                "summary interval_s={secs:.0} received_per_s={:.1} stored_per_s={:.1} duplicates={} retried={} dead_lettered={}{es} rabbitmq={} consuming={} mysql={} redis={}",
+                "summary interval_s={secs:.0} received_per_s={:.1} stored_per_s={:.1} duplicates={} retried={} dead_lettered={}{es} rabbitmq={} consuming={} paused={} mysql={} redis={}",
                 rate(now.received, last.received),
                 rate(now.stored, last.stored),
                 now.duplicates - last.duplicates,
@@ -145,6 +145,7 @@ pub async fn run(mysql: Opts, redis: std::rc::Rc<Redis>, indexing: bool, shutdow
                 now.dead_lettered - last.dead_lettered,
                 state(Dependency::rabbitmq),
                 m.consuming.get(),
+                m.consumers_paused.get(),
                 state(Dependency::mysql),
                 state(Dependency::redis),
             );

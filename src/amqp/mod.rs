@@ -10,6 +10,8 @@ pub mod republish;
 pub mod topology;
 
 use lapin::{Connection, ConnectionProperties};
+use std::net::TcpStream;
+use std::sync::{Arc, Mutex};
 
 /// The three work queues the API publishes to (CONTRACT section 3).
 pub const WORK_QUEUES: [&str; 3] = ["create_chats", "create_messages", "update_messages"];
@@ -34,18 +36,81 @@ pub fn retry_queue(queue: &str, delay: std::time::Duration) -> String {
 /// frames keep that at 1 MiB. Larger messages simply span several frames.
 pub const DEFAULT_FRAME_MAX: u32 = 16 * 1024;
 
+/// How long opening a connection (TCP, the AMQP handshake, the vhost) may
+/// take. lapin has no limit of its own: a peer that accepts the TCP
+/// connection and never answers (a load balancer in front of a dead
+/// broker, a partition during the handshake) would hang the writer for
+/// good instead of letting it back off and try again.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Opens a connection named `chat-writer` (visible in the management UI),
-/// with `frame_max` [`DEFAULT_FRAME_MAX`] unless the URL sets it.
+/// with `frame_max` [`DEFAULT_FRAME_MAX`] unless the URL sets it, within
+/// [`CONNECT_TIMEOUT`].
 ///
-/// Errors: lapin's (bad URL, refused, auth, vhost missing); the caller
-/// backs off.
+/// lapin runs the handshake on its own I/O thread, which lives until its
+/// socket fails. So the TCP connection is opened here (for `amqp://`),
+/// with a copy of the socket kept aside: when the handshake times out, that
+/// copy is shut down, and lapin's thread sees the socket fail and ends
+/// (a dropped attempt would otherwise leave a thread and a socket behind
+/// per timeout). `amqps://` goes through lapin's own connect (this build
+/// has no TLS support, so it fails at once).
+///
+/// Errors: lapin's (bad URL, refused, auth, vhost missing), or an I/O
+/// `TimedOut` when the broker does not complete the handshake in time; the
+/// caller backs off.
 pub async fn connect(url: &str) -> lapin::Result<Connection> {
     let mut uri: lapin::uri::AMQPUri = url
         .parse()
         .map_err(|e: String| lapin::Error::from(std::io::Error::other(e)))?;
     uri.query.frame_max.get_or_insert(DEFAULT_FRAME_MAX);
     let props = ConnectionProperties::default().with_connection_name("chat-writer".into());
-    Connection::connect_uri(uri, props).await
+    if uri.scheme == lapin::uri::AMQPScheme::AMQPS {
+        return Connection::connect_uri(uri, props).await;
+    }
+    let socket: Arc<Mutex<Option<TcpStream>>> = Arc::default();
+    let kept = socket.clone();
+    let open = async move |uri: lapin::uri::AMQPUri, _runtime| {
+        let host = uri.authority.host.clone();
+        let port = uri.authority.port;
+        let addrs = smol::unblock(move || {
+            std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
+                .map(|a| a.collect::<Vec<_>>())
+        })
+        .await
+        .map_err(lapin::Error::from)?;
+        let mut last = std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{}: no address", uri.authority.host),
+        );
+        for addr in addrs {
+            match async_io::Async::<TcpStream>::connect(addr).await {
+                Ok(stream) => {
+                    if let (Ok(copy), Ok(mut slot)) = (stream.get_ref().try_clone(), kept.lock()) {
+                        *slot = Some(copy);
+                    }
+                    return Ok(lapin::AsyncTcpStream::Plain(stream));
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(lapin::Error::from(last))
+    };
+    let runtime = lapin::runtime::default_runtime()?;
+    let handshake = Connection::connector(uri, runtime, open, props);
+    let timed_out = async {
+        async_io::Timer::after(CONNECT_TIMEOUT).await;
+        if let Some(s) = socket.lock().ok().and_then(|mut s| s.take()) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        Err(lapin::Error::from(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no AMQP handshake within {} s", CONNECT_TIMEOUT.as_secs()),
+        )))
+    };
+    let connected = smol::future::or(handshake, timed_out).await;
+    // Connected (or failed on its own): the copy is not needed any more.
+    drop(socket.lock().ok().and_then(|mut s| s.take()));
+    connected
 }
 
 /// True when `e` is the broker's 404 NOT_FOUND (queue absent).

@@ -3,7 +3,10 @@
 //! - [`Proxy`]: a pausable TCP proxy on 127.0.0.1 in front of any server
 //!   (MySQL, Redis, osmem-server). `pause()` drops every live connection and
 //!   closes new ones at once; `freeze()` keeps connections open but passes
-//!   nothing on (a server that hangs); `resume()` forwards again.
+//!   nothing on (a server that hangs); `hold_new()` accepts new connections
+//!   and never answers them, with no connection to the server behind (a
+//!   load balancer in front of a dead server: nothing ever closes them);
+//!   `resume()` forwards again.
 //! - [`RedisServer`]: a private `redis-server` on a free port, no persistence.
 //! - [`OsmemServer`]: a private osmem-server on a fixed free port that can be
 //!   stopped and restarted (empty) on the same port.
@@ -32,6 +35,10 @@ struct ProxyShared {
     /// that stopped answering, connections stay open.
     frozen: AtomicBool,
     stop: AtomicBool,
+    /// New connections are accepted and held, never answered.
+    holding: AtomicBool,
+    /// Connections held by `hold_new`, closed when the proxy is dropped.
+    held: Mutex<Vec<TcpStream>>,
     /// Both sockets of every live forwarded connection.
     live: Mutex<Vec<(TcpStream, TcpStream)>>,
     accepted: AtomicUsize,
@@ -69,6 +76,8 @@ impl Proxy {
             paused: AtomicBool::new(false),
             frozen: AtomicBool::new(false),
             stop: AtomicBool::new(false),
+            holding: AtomicBool::new(false),
+            held: Mutex::new(Vec::new()),
             live: Mutex::new(Vec::new()),
             accepted: AtomicUsize::new(0),
             refused: AtomicUsize::new(0),
@@ -92,10 +101,24 @@ impl Proxy {
         self.shared.drop_all();
     }
 
-    /// Forwards new connections again (and thaws a frozen proxy).
+    /// Forwards new connections again (and thaws a frozen proxy). Held
+    /// connections stay held.
     pub fn resume(&self) {
         self.shared.paused.store(false, Ordering::SeqCst);
         self.shared.frozen.store(false, Ordering::SeqCst);
+        self.shared.holding.store(false, Ordering::SeqCst);
+    }
+
+    /// Accepts new connections and holds them open without a word and
+    /// without connecting to the server: a peer that never completes a
+    /// handshake and never closes.
+    pub fn hold_new(&self) {
+        self.shared.holding.store(true, Ordering::SeqCst);
+    }
+
+    /// Connections held so far by [`Proxy::hold_new`].
+    pub fn held(&self) -> usize {
+        self.shared.held.lock().expect("proxy lock").len()
     }
 
     /// Stops passing bytes on, keeping every connection open: a server that
@@ -123,6 +146,9 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
         self.shared.drop_all();
+        for c in std::mem::take(&mut *self.shared.held.lock().expect("proxy lock")) {
+            let _ = c.shutdown(Shutdown::Both);
+        }
         if let Some(h) = self.acceptor.take() {
             let _ = h.join();
         }
@@ -136,6 +162,10 @@ fn accept_loop(listener: TcpListener, target: SocketAddr, sh: Arc<ProxyShared>) 
                 if sh.paused.load(Ordering::SeqCst) {
                     sh.refused.fetch_add(1, Ordering::SeqCst);
                     let _ = client.shutdown(Shutdown::Both);
+                    continue;
+                }
+                if sh.holding.load(Ordering::SeqCst) {
+                    sh.held.lock().expect("proxy lock").push(client);
                     continue;
                 }
                 let _ = client.set_nonblocking(false);

@@ -202,6 +202,47 @@ fn readyz_follows_the_broker_and_mysql_connections() {
     });
 }
 
+/// A broker address that accepts the TCP connection and never answers the
+/// AMQP handshake (nothing ever closes it) does not hang the writer: the
+/// connect gives up after `CONNECT_TIMEOUT` (10 s), the writer backs off,
+/// connects again and is ready, without a restart.
+#[test]
+fn a_broker_that_never_answers_the_handshake_is_retried() {
+    let env = TestEnv::new("metrics_handshake");
+    smol::block_on(async {
+        env.migrate_and_seed().await;
+        let broker = Proxy::start("127.0.0.1:5672".parse::<SocketAddr>().unwrap());
+        broker.hold_new();
+        let addr = format!("127.0.0.1:{}", free_port());
+        let amqp_url = AMQP_BASE.replace("5672", &broker.port.to_string());
+        let amqp_url = format!("{amqp_url}/{}", env.vhost);
+        let mut w = env.start_writer(&[
+            ("HTTP_ADDR", addr.as_str()),
+            ("RABBITMQ_URL", amqp_url.as_str()),
+        ]);
+        wait_ready(&addr, (503, "rabbitmq: not connected\n")).await;
+        let b = &broker;
+        wait_until(
+            "the writer's connection held",
+            WAIT,
+            POLL,
+            move || async move { b.held() == 1 },
+        )
+        .await;
+        broker.resume();
+        wait_ready(&addr, (200, "ready\n")).await;
+        assert_eq!(broker.held(), 1);
+        let log = w.log();
+        assert!(
+            log.contains("no AMQP handshake within 10 s; reconnecting"),
+            "{log}"
+        );
+        w.sigterm();
+        let exit = w.wait_exit(Duration::from_secs(20));
+        assert_eq!(exit.code, Some(0), "{}", w.log_tail(20));
+    });
+}
+
 /// While Elasticsearch is unreachable, the index backlog counts what the
 /// indexer holds and the index lag grows with the oldest held message; once
 /// it is back and everything is indexed, the idle indexer reports lag 0.

@@ -112,7 +112,7 @@ pub const VARIABLES: &[Variable] = &[
     Variable {
         name: "RETRY_DELAYS",
         default: "1s,5s,30s,2m,10m",
-        help: "delayed-retry tiers for a missing parent or row, comma separated",
+        help: "delayed-retry tiers for a missing parent or row, comma separated, each at least 1ms; empty = no delayed retry (dead-lettered at once)",
     },
     Variable {
         name: "HTTP_ADDR",
@@ -122,17 +122,20 @@ pub const VARIABLES: &[Variable] = &[
     Variable {
         name: "RUST_LOG",
         default: "info",
-        help: "log level: error, warn, info, debug, trace",
+        help: "log level: off, error, warn, info, debug, trace",
     },
 ];
 
 /// A configuration value that cannot be used. `Display` gives
-/// `VARIABLE=value: expected <accepted form>`.
+/// `VARIABLE=value: expected <accepted form>`; the value never holds a
+/// secret (see [`ConfigError::value`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
     /// The variable at fault.
     pub variable: &'static str,
-    /// The value seen.
+    /// The value seen, with secrets hidden: the password of a URL variable
+    /// replaced by `***` ([`redact_url`]), a [`SECRET_VARIABLES`] value
+    /// replaced by `***` altogether.
     pub value: String,
     /// The accepted form, in words.
     pub expected: String,
@@ -336,8 +339,14 @@ impl Config {
                     "comma-separated durations like 1s,5s,30s,2m,10m",
                 )
             })?;
-            if d.is_zero() {
-                return Err(err("RETRY_DELAYS", &retry_raw, "durations above zero"));
+            // A tier under 1 ms would be a delay queue with TTL 0 named
+            // `<queue>.retry.0ms` (TTL and name are whole milliseconds).
+            if d < Duration::from_millis(1) {
+                return Err(err(
+                    "RETRY_DELAYS",
+                    &retry_raw,
+                    "comma-separated durations of at least 1ms like 1s,5s,30s,2m,10m, or empty",
+                ));
             }
             retry_delays.push(d);
         }
@@ -392,10 +401,52 @@ impl Config {
     }
 }
 
+/// Variables holding a URL that may carry `user:password@`: their values
+/// appear in messages only through [`redact_url`].
+const URL_VARIABLES: [&str; 3] = ["REDIS_URL", "RABBITMQ_URL", "ELASTICSEARCH_URL"];
+
+/// Variables whose whole value is a secret: messages show `***` instead.
+pub const SECRET_VARIABLES: [&str; 1] = ["DATABASE_PASSWORD"];
+
+/// `value` of `variable` as it may appear in a message or a log line.
+fn shown_value(variable: &str, value: &str) -> String {
+    if SECRET_VARIABLES.contains(&variable) {
+        "***".to_string()
+    } else if URL_VARIABLES.contains(&variable) {
+        redact_url(value)
+    } else {
+        value.to_string()
+    }
+}
+
+/// `url` with the password of its `user:password@` part replaced by `***`,
+/// for messages and logs: `amqp://guest:***@rabbitmq:5672/`. The user, host,
+/// port and path stay, so an operator can see what is wrong with the URL.
+///
+/// Also for values that are not valid URLs (these are what error messages
+/// show): without `://` the user part starts at the beginning, and the
+/// user part ends at the last `@` before the first `/`, `?` or `#` after
+/// the scheme, or, if there is none there, at the last `@` of the whole
+/// value (an unencoded `/` in a password), which may hide more than the
+/// password but never shows it. Text without `@`, or a user part without
+/// `:` (a user name alone), is returned unchanged.
+pub fn redact_url(url: &str) -> String {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let rest = &url[start..];
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    let Some(at) = authority.rfind('@').or_else(|| rest.rfind('@')) else {
+        return url.to_string();
+    };
+    let Some(colon) = rest[..at].find(':') else {
+        return url.to_string();
+    };
+    format!("{}***{}", &url[..start + colon + 1], &rest[at..])
+}
+
 fn err(variable: &'static str, value: &str, expected: &str) -> ConfigError {
     ConfigError {
         variable,
-        value: value.to_string(),
+        value: shown_value(variable, value),
         expected: expected.to_string(),
         origin: None,
     }
@@ -587,6 +638,132 @@ mod tests {
             let e = cfg(&[(var, val)]).unwrap_err();
             assert_eq!(e.variable, var);
             assert!(e.to_string().contains(var), "{e}");
+        }
+    }
+
+    #[test]
+    fn redact_url_hides_only_the_password() {
+        for (url, shown) in [
+            (
+                "amqp://guest:guest@rabbitmq:5672/",
+                "amqp://guest:***@rabbitmq:5672/",
+            ),
+            ("redis://:secretpw@host:6379/x", "redis://:***@host:6379/x"),
+            (
+                "https://elastic:secretpw@es.example:9200",
+                "https://elastic:***@es.example:9200",
+            ),
+            ("amqp://u:@h/", "amqp://u:***@h/"),
+            // `@`, `/`, `#` or `?` in the password (valid or not).
+            ("amqp://u:se@cret@h:5672/%2f", "amqp://u:***@h:5672/%2f"),
+            ("amqp://u:se/cret@h:5672/", "amqp://u:***@h:5672/"),
+            ("redis://u:se#cret@h/0", "redis://u:***@h/0"),
+            // No scheme, or a broken one: still hidden.
+            ("u:secretpw@h:6379/0", "u:***@h:6379/0"),
+            ("amqp//u:secretpw@h/", "amqp//u:***@h/"),
+            // Nothing to hide.
+            ("redis://redis:6379/0", "redis://redis:6379/0"),
+            ("http://elasticsearch:9200", "http://elasticsearch:9200"),
+            ("https://user@h", "https://user@h"),
+            ("amqp://[bad", "amqp://[bad"),
+            ("", ""),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
+    }
+
+    /// A bad URL is shown with its password replaced by `***` (user, host
+    /// and path kept), from the environment and from an env file.
+    #[test]
+    fn url_errors_hide_the_password() {
+        for (var, val, want) in [
+            (
+                "REDIS_URL",
+                "redis://:secretpw@host:6379/x",
+                "invalid configuration: REDIS_URL=\"redis://:***@host:6379/x\": \
+                 expected a redis://host:port/db URL",
+            ),
+            (
+                "RABBITMQ_URL",
+                "amqp://user:secretpw@host:99999/",
+                "invalid configuration: RABBITMQ_URL=\"amqp://user:***@host:99999/\": \
+                 expected an amqp://user:pass@host:port/vhost URL",
+            ),
+            (
+                "RABBITMQ_URL",
+                "user:secretpw@host:5672/",
+                "invalid configuration: RABBITMQ_URL=\"user:***@host:5672/\": \
+                 expected an amqp://user:pass@host:port/vhost URL",
+            ),
+            (
+                "ELASTICSEARCH_URL",
+                "ftp://elastic:secretpw@es:9200",
+                "invalid configuration: ELASTICSEARCH_URL=\"ftp://elastic:***@es:9200\": \
+                 expected an http:// or https:// URL with a host, or empty",
+            ),
+        ] {
+            let e = cfg(&[(var, val)]).unwrap_err();
+            assert_eq!(e.to_string(), want, "{var}={val}");
+            assert!(!format!("{e:?}").contains("secretpw"), "{e:?}");
+            let e = layered(&[], &format!("# x\n{var}={val}\n")).unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                format!("{want} (from --env-file /etc/cw.env line 2)"),
+                "{var}={val} from the file"
+            );
+        }
+    }
+
+    #[test]
+    fn retry_delays_empty_means_none_and_tiers_are_at_least_1ms() {
+        assert_eq!(cfg(&[("RETRY_DELAYS", "")]).unwrap().retry_delays, []);
+        assert_eq!(
+            cfg(&[("RETRY_DELAYS", "1ms, 0.002,1.5s")])
+                .unwrap()
+                .retry_delays,
+            [
+                Duration::from_millis(1),
+                Duration::from_millis(2),
+                Duration::from_millis(1500)
+            ]
+        );
+        for bad in ["0.1ms", "1s,0.5ms", "0", "0s,1s", "0.0009"] {
+            assert_eq!(
+                cfg(&[("RETRY_DELAYS", bad)]).unwrap_err().to_string(),
+                format!(
+                    "invalid configuration: RETRY_DELAYS={bad:?}: expected comma-separated \
+                     durations of at least 1ms like 1s,5s,30s,2m,10m, or empty"
+                ),
+                "{bad}"
+            );
+        }
+        let help = VARIABLES.iter().find(|v| v.name == "RETRY_DELAYS").unwrap();
+        assert!(
+            help.help.contains("empty = no delayed retry"),
+            "{}",
+            help.help
+        );
+    }
+
+    /// `--help` lists every level RUST_LOG accepts, `off` included.
+    #[test]
+    fn rust_log_help_lists_every_accepted_level() {
+        let help = VARIABLES
+            .iter()
+            .find(|v| v.name == "RUST_LOG")
+            .unwrap()
+            .help;
+        assert_eq!(help, "log level: off, error, warn, info, debug, trace");
+        for (name, level) in [
+            ("off", log::LevelFilter::Off),
+            ("error", log::LevelFilter::Error),
+            ("warn", log::LevelFilter::Warn),
+            ("info", log::LevelFilter::Info),
+            ("debug", log::LevelFilter::Debug),
+            ("trace", log::LevelFilter::Trace),
+        ] {
+            assert_eq!(cfg(&[("RUST_LOG", name)]).unwrap().log_level, level);
+            assert!(help.contains(name), "{help}");
         }
     }
 

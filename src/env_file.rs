@@ -23,11 +23,18 @@
 //! - a key given twice takes its last value, as a shell sourcing the file would.
 //!
 //! Lines end with `\n` or `\r\n`. Unknown keys are accepted: the file may be
-//! shared with other services.
+//! shared with other services. A file larger than [`MAX_LEN`] (1 MiB) is
+//! refused without reading the rest, so `--env-file /dev/zero` cannot eat
+//! the memory.
 
 use std::collections::HashMap;
 use std::fmt;
+use std::io::Read;
 use std::path::{Path, PathBuf};
+
+/// The largest env file accepted, in bytes (1 MiB): far more than any list
+/// of variables needs.
+pub const MAX_LEN: u64 = 1 << 20;
 
 /// One `KEY=VALUE` line of the file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,8 +115,9 @@ pub struct EnvFile {
 
 /// Why an env file cannot be used. `Display` gives one line naming the
 /// file as it was given: `--env-file PATH line N: <what is wrong>` or
-/// `--env-file PATH: cannot read it: <OS error>`. `main` turns it into exit
-/// code 2 (bad configuration, CONTRACT section 1).
+/// `--env-file PATH: cannot read it: <OS error>` or
+/// `--env-file PATH: larger than 1 MiB`. `main` turns it into exit code 2
+/// (bad configuration, CONTRACT section 1).
 #[derive(Debug)]
 pub enum EnvFileError {
     /// The file cannot be read (missing, a directory, no permission, …).
@@ -118,6 +126,12 @@ pub enum EnvFileError {
         path: PathBuf,
         /// The OS error.
         error: std::io::Error,
+    },
+    /// The file holds more than [`MAX_LEN`] bytes (or never ends, like
+    /// `/dev/zero`).
+    TooLarge {
+        /// The path as given.
+        path: PathBuf,
     },
     /// A line of the file is malformed.
     Line {
@@ -136,6 +150,9 @@ impl fmt::Display for EnvFileError {
             EnvFileError::Read { path, error } => {
                 write!(f, "--env-file {}: cannot read it: {error}", path.display())
             }
+            EnvFileError::TooLarge { path } => {
+                write!(f, "--env-file {}: larger than 1 MiB", path.display())
+            }
             EnvFileError::Line {
                 path,
                 line,
@@ -151,13 +168,23 @@ impl EnvFile {
     /// Reads and parses the file at `path`.
     ///
     /// Errors: [`EnvFileError::Read`] if it cannot be read,
-    /// [`EnvFileError::Line`] for the first bad line; a file that is not
-    /// UTF-8 is a bad line at the first invalid byte.
+    /// [`EnvFileError::TooLarge`] past [`MAX_LEN`] bytes (nothing more is
+    /// read), [`EnvFileError::Line`] for the first bad line; a file that is
+    /// not UTF-8 is a bad line at the first invalid byte.
     pub fn load(path: &Path) -> Result<EnvFile, EnvFileError> {
-        let bytes = std::fs::read(path).map_err(|error| EnvFileError::Read {
+        let read_error = |error| EnvFileError::Read {
             path: path.to_path_buf(),
             error,
-        })?;
+        };
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|f| f.take(MAX_LEN + 1).read_to_end(&mut bytes))
+            .map_err(read_error)?;
+        if bytes.len() as u64 > MAX_LEN {
+            return Err(EnvFileError::TooLarge {
+                path: path.to_path_buf(),
+            });
+        }
         let line_error = |line, message| EnvFileError::Line {
             path: path.to_path_buf(),
             line,
@@ -355,6 +382,27 @@ mod tests {
                 "--env-file {} line 3: expected KEY=VALUE, got \"garbage\"",
                 bad.display()
             )
+        );
+        // Exactly 1 MiB is read; one byte more is refused, naming the file.
+        let big = dir.join("big.env");
+        let mut text = "A=1\n".repeat(MAX_LEN as usize / 4);
+        std::fs::write(&big, &text).unwrap();
+        assert_eq!(
+            EnvFile::load(&big).unwrap().get("A").map(|e| e.line),
+            Some(MAX_LEN as usize / 4)
+        );
+        text.push('\n');
+        std::fs::write(&big, &text).unwrap();
+        assert_eq!(
+            EnvFile::load(&big).unwrap_err().to_string(),
+            format!("--env-file {}: larger than 1 MiB", big.display())
+        );
+        // A file that never ends is refused after 1 MiB, not read forever.
+        assert_eq!(
+            EnvFile::load(Path::new("/dev/zero"))
+                .unwrap_err()
+                .to_string(),
+            "--env-file /dev/zero: larger than 1 MiB"
         );
     }
 

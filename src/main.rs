@@ -1,10 +1,12 @@
 //! `chat-writer` command line: the service, `migrate`, `--help`,
 //! `--version` (CONTRACT section 1), and `--env-file PATH` before the
 //! subcommand (issue 5). Exit codes: 0 clean, 1 fatal error, 2 bad
-//! configuration or usage.
+//! configuration or usage; `healthcheck` exits only 0 or 1, usage errors
+//! included (CONTRACT section 1).
 
 use chat_writer::config::{Config, VARIABLES};
 use chat_writer::env_file::EnvFile;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -39,7 +41,9 @@ fn help() -> String {
         ));
     }
     s.push_str("\nEXIT CODES: 0 clean shutdown, 1 fatal error, 2 bad configuration or usage;\n");
-    s.push_str("  healthcheck: 0 healthy, 1 anything else (bad configuration included).\n");
+    s.push_str(
+        "  healthcheck: 0 healthy, 1 anything else (bad configuration and usage errors included).\n",
+    );
     s
 }
 
@@ -86,6 +90,27 @@ fn split_env_file(mut args: &[String]) -> Result<(Option<PathBuf>, &[String]), S
     }
 }
 
+/// The exit code of a usage error (bad arguments): 2, except when the
+/// subcommand is `healthcheck`, which exits only 0 or 1 (CONTRACT section 1;
+/// Docker reserves 2). The subcommand is the first argument after the
+/// leading `--env-file PATH` / `--env-file=PATH` options, as
+/// [`split_env_file`] reads them.
+fn usage_exit(args: &[OsString]) -> ExitCode {
+    let mut rest = args;
+    loop {
+        rest = match rest {
+            [flag, _path, tail @ ..] if flag == "--env-file" => tail,
+            [flag, tail @ ..] if flag.as_encoded_bytes().starts_with(b"--env-file=") => tail,
+            _ => break,
+        };
+    }
+    if rest.first().is_some_and(|sub| sub == "healthcheck") {
+        ExitCode::from(1)
+    } else {
+        ExitCode::from(2)
+    }
+}
+
 fn init_logging(level: log::LevelFilter) {
     let _ = simple_logger::SimpleLogger::new()
         .with_level(log::LevelFilter::Warn)
@@ -95,13 +120,15 @@ fn init_logging(level: log::LevelFilter) {
 }
 
 fn main() -> ExitCode {
+    let raw_args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let usage = || usage_exit(&raw_args);
     let mut all_args = Vec::new();
-    for arg in std::env::args_os().skip(1) {
-        match arg.into_string() {
-            Ok(a) => all_args.push(a),
-            Err(a) => {
-                eprintln!("chat-writer: argument {a:?} is not valid UTF-8");
-                return ExitCode::from(2);
+    for arg in &raw_args {
+        match arg.to_str() {
+            Some(a) => all_args.push(a.to_string()),
+            None => {
+                eprintln!("chat-writer: argument {arg:?} is not valid UTF-8");
+                return usage();
             }
         }
     }
@@ -109,7 +136,7 @@ fn main() -> ExitCode {
         Ok(split) => split,
         Err(e) => {
             eprintln!("chat-writer: {e}");
-            return ExitCode::from(2);
+            return usage();
         }
     };
     let load_config = || config(env_file.as_deref());
@@ -248,11 +275,11 @@ fn main() -> ExitCode {
             eprintln!(
                 "chat-writer: --env-file PATH goes before the subcommand; see chat-writer --help"
             );
-            ExitCode::from(2)
+            usage()
         }
         other => {
             eprintln!("chat-writer: unknown arguments {other:?}; see chat-writer --help");
-            ExitCode::from(2)
+            usage()
         }
     }
 }

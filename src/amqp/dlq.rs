@@ -3,7 +3,9 @@
 //!
 //! `show` reads up to N messages of `<queue>.dlq` with `basic.get`, prints
 //! their failure headers and body, and acks none: closing the channel puts
-//! them back. `replay` moves up to N messages (default: as many as the
+//! them back. Bodies and headers come from whoever published them, so they
+//! are printed through [`escape_for_terminal`]: no escape sequence or line
+//! break of theirs reaches the operator's terminal. `replay` moves up to N messages (default: as many as the
 //! queue held when it started, so a message that fails again is not looped)
 //! from `<queue>.dlq` back to `<queue>`: each is published (confirmed) with
 //! the body and properties kept and the failure headers removed, so it gets
@@ -52,14 +54,84 @@ async fn next(
     .map_err(|e| e.to_string())
 }
 
+/// A header value as one line of terminal-safe text.
 fn header_text(v: &AMQPValue) -> String {
     match v {
-        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
-        AMQPValue::ShortString(s) => s.as_str().to_string(),
+        AMQPValue::LongString(s) => escape_for_terminal(s.as_bytes()),
+        AMQPValue::ShortString(s) => escape_for_terminal(s.as_str().as_bytes()),
         AMQPValue::LongLongInt(i) => i.to_string(),
         AMQPValue::LongInt(i) => i.to_string(),
-        other => format!("{other:?}"),
+        other => escape_for_terminal(format!("{other:?}").as_bytes()),
     }
+}
+
+/// How many characters of a body `show` prints (an invalid byte counts as
+/// one).
+const BODY_CHARS: usize = 500;
+
+/// `bytes` as text that is safe to print on a terminal and stays on one
+/// line: printable UTF-8 (emoji included) is kept as is; `\n`, `\r` and
+/// `\t` become those two-character escapes; other ASCII control characters
+/// (ESC, BEL, NUL, DEL, …) become `\xNN`; C1 controls (U+0080..U+009F),
+/// bidirectional-text controls and the line/paragraph separators
+/// U+2028/U+2029 become `\u{NN}`; each byte that is not valid UTF-8
+/// becomes `\xNN` (80..FF, so never confused with an ASCII control).
+/// A backslash of the input is kept as is.
+pub fn escape_for_terminal(bytes: &[u8]) -> String {
+    escape_prefix(bytes, usize::MAX).0
+}
+
+/// [`escape_for_terminal`] of the first `max` characters of `bytes` (an
+/// invalid byte counts as one), and whether anything was left out.
+fn escape_prefix(bytes: &[u8], max: usize) -> (String, bool) {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(bytes.len().min(max.saturating_mul(4)));
+    let mut taken = 0;
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if taken == max {
+                return (out, true);
+            }
+            taken += 1;
+            match c {
+                '\n' => out.push_str("\\n"),
+                '\r' => out.push_str("\\r"),
+                '\t' => out.push_str("\\t"),
+                c if c.is_ascii_control() => {
+                    let _ = write!(out, "\\x{:02x}", c as u32);
+                }
+                c if c.is_control() || is_invisible_layout(c) => {
+                    let _ = write!(out, "\\u{{{:x}}}", c as u32);
+                }
+                c => out.push(c),
+            }
+        }
+        for b in chunk.invalid() {
+            if taken == max {
+                return (out, true);
+            }
+            taken += 1;
+            let _ = write!(out, "\\x{b:02x}");
+        }
+    }
+    (out, false)
+}
+
+/// Characters that are not control characters but move or reorder what a
+/// terminal shows (bidirectional overrides, line and paragraph separators),
+/// so a body could make its line look like something else. The zero-width
+/// joiner and variation selectors of emoji are not among them.
+fn is_invisible_layout(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061c}'
+            | '\u{200e}'
+            | '\u{200f}'
+            | '\u{2028}'
+            | '\u{2029}'
+            | '\u{202a}'..='\u{202e}'
+            | '\u{2066}'..='\u{2069}'
+    )
 }
 
 /// Prints up to `n` dead letters of `<queue>.dlq` to stdout, leaving them
@@ -89,12 +161,11 @@ pub async fn show(url: &str, queue: &str, n: usize) -> Result<usize, String> {
                 }
             }
         }
-        let body = String::from_utf8_lossy(&d.data);
-        let cut: String = body.chars().take(500).collect();
+        let (body, cut) = escape_prefix(&d.data, BODY_CHARS);
         println!(
-            "  body ({} bytes): {cut}{}",
+            "  body ({} bytes): {body}{}",
             d.data.len(),
-            if cut.len() < body.len() { "…" } else { "" }
+            if cut { "…" } else { "" }
         );
     }
     // Unacked gets return to the queue when the channel closes.
@@ -151,6 +222,61 @@ fn without_failure(p: &BasicProperties) -> BasicProperties {
 mod tests {
     use super::*;
     use crate::amqp::republish::{failure_properties, headers_of, retry_count};
+
+    #[test]
+    fn control_characters_are_escaped_and_printable_text_kept() {
+        assert_eq!(
+            escape_for_terminal(b"\x1b[2J\x1b]0;owned\x07fake\r\nline\ttab\x00\x7f"),
+            "\\x1b[2J\\x1b]0;owned\\x07fake\\r\\nline\\ttab\\x00\\x7f"
+        );
+        // Printable UTF-8 stays, emoji sequences (ZWJ, variation selector)
+        // included; backslashes and quotes are kept as written.
+        let text = "héllo 世界 👩\u{200d}💻 ❤\u{fe0f} {\"a\":\"x\\ny\"}";
+        assert_eq!(escape_for_terminal(text.as_bytes()), text);
+        // Invalid UTF-8 bytes, alone or cutting a character short.
+        assert_eq!(
+            escape_for_terminal(b"a\xffb\xc3(\xe2\x82"),
+            "a\\xffb\\xc3(\\xe2\\x82"
+        );
+        // C1 controls (CSI as UTF-8), bidi overrides, line separators.
+        assert_eq!(
+            escape_for_terminal("x\u{9b}31m\u{85}\u{202e}abc\u{2066}\u{2028}\u{2029}y".as_bytes()),
+            "x\\u{9b}31m\\u{85}\\u{202e}abc\\u{2066}\\u{2028}\\u{2029}y"
+        );
+        assert_eq!(escape_for_terminal(b""), "");
+    }
+
+    #[test]
+    fn a_long_body_is_cut_at_whole_characters() {
+        assert_eq!(escape_prefix(b"a\nb", 3), ("a\\nb".to_string(), false));
+        assert_eq!(escape_prefix(b"a\nbc", 3), ("a\\nb".to_string(), true));
+        assert_eq!(
+            escape_prefix(b"\xc3\xa9\xff\xf0\x9f\x98\x80x", 3),
+            ("é\\xff😀".to_string(), true)
+        );
+        assert_eq!(
+            escape_prefix(b"\xe9\xff\x1bx", 3),
+            ("\\xe9\\xff\\x1b".to_string(), true)
+        );
+        let long = "😀".repeat(BODY_CHARS + 1);
+        let (shown, cut) = escape_prefix(long.as_bytes(), BODY_CHARS);
+        assert_eq!((shown.chars().count(), cut), (BODY_CHARS, true));
+    }
+
+    #[test]
+    fn header_values_are_escaped() {
+        assert_eq!(
+            header_text(&AMQPValue::LongString(
+                b"bad\r\n\x1b[31mx\xff".to_vec().into()
+            )),
+            "bad\\r\\n\\x1b[31mx\\xff"
+        );
+        assert_eq!(
+            header_text(&AMQPValue::ShortString("q\x1b".into())),
+            "q\\x1b"
+        );
+        assert_eq!(header_text(&AMQPValue::LongLongInt(-3)), "-3");
+    }
 
     #[test]
     fn replay_strips_only_the_failure_headers() {

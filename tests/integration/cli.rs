@@ -68,6 +68,22 @@ fn version_and_help() {
         text.contains("--env-file PATH") && text.contains("real environment variables win"),
         "--help does not describe --env-file PATH (issue 5):\n{text}"
     );
+    for (var, words) in [
+        (
+            "RUST_LOG",
+            "log level: off, error, warn, info, debug, trace",
+        ),
+        (
+            "RETRY_DELAYS",
+            "each at least 1ms; empty = no delayed retry (dead-lettered at once)",
+        ),
+    ] {
+        assert!(
+            text.lines()
+                .any(|l| l.trim_start().starts_with(var) && l.contains(words)),
+            "--help line of {var} should say {words:?}:\n{text}"
+        );
+    }
 }
 
 /// One column as `type [NULL|NOT NULL][ DEFAULT x]`, integer display widths dropped.
@@ -507,25 +523,187 @@ fn env_file_missing_exits_2_naming_the_path() {
     );
 }
 
+/// Runs `chat-writer <args>` with exactly `vars` (plus PATH), arguments and
+/// values as raw bytes; returns the exit code and stderr. Nothing answers
+/// at HTTP_ADDR 127.0.0.1:9 (discard), so no case can be healthy.
+fn run_raw(args: &[&[u8]], vars: &[(&str, &[u8])]) -> (Option<i32>, String) {
+    use std::os::unix::ffi::OsStrExt;
+    let out = std::process::Command::new(crate::common::BIN)
+        .args(args.iter().map(|a| std::ffi::OsStr::from_bytes(a)))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HTTP_ADDR", "127.0.0.1:9")
+        .envs(
+            vars.iter()
+                .map(|(k, v)| (k, std::ffi::OsStr::from_bytes(v))),
+        )
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run chat-writer");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// A variable set to bytes that are not UTF-8 is a configuration error
 /// naming it (exit 2), not an unset variable that a file or default fills;
 /// `healthcheck` reports it the same way but exits 1 (CONTRACT section 1:
-/// 0 or 1; Docker reserves 2).
+/// 0 or 1; Docker reserves 2), and so it does for every usage error: an
+/// extra argument, a misplaced or missing `--env-file` path, a file over
+/// 1 MiB, an argument that is not UTF-8. The same usage errors with another
+/// subcommand still exit 2.
 #[test]
 fn non_utf8_environment_value_exits_2() {
-    use std::os::unix::ffi::OsStrExt;
     for (sub, code) in [("migrate", 2), ("healthcheck", 1)] {
-        let out = std::process::Command::new(crate::common::BIN)
-            .arg(sub)
-            .env("HTTP_ADDR", std::ffi::OsStr::from_bytes(b"127.0.0.1:\xff"))
-            .output()
-            .expect("run chat-writer");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(code), "{sub}: {stderr}");
+        let (got, stderr) = run_raw(&[sub.as_bytes()], &[("HTTP_ADDR", b"127.0.0.1:\xff")]);
+        assert_eq!(got, Some(code), "{sub}: {stderr}");
         assert_eq!(
-            stderr.trim_end(),
-            "chat-writer: invalid configuration: HTTP_ADDR=\"127.0.0.1:\u{fffd}\": expected valid UTF-8",
+            stderr,
+            "chat-writer: invalid configuration: HTTP_ADDR=\"127.0.0.1:\u{fffd}\": expected valid UTF-8\n",
             "{sub}"
+        );
+    }
+    let cases: [(&[&[u8]], &str); 6] = [
+        (
+            &[b"healthcheck", b"extra"],
+            "chat-writer: unknown arguments [\"healthcheck\", \"extra\"]; see chat-writer --help\n",
+        ),
+        (
+            &[b"healthcheck", b"--env-file", b"/dev/null"],
+            "chat-writer: --env-file PATH goes before the subcommand; see chat-writer --help\n",
+        ),
+        (
+            &[b"--env-file=", b"healthcheck"],
+            "chat-writer: --env-file needs a path: --env-file PATH\n",
+        ),
+        (
+            &[
+                b"--env-file",
+                b"/dev/null",
+                b"--env-file=/dev/null",
+                b"healthcheck",
+            ],
+            "chat-writer: --env-file is given more than once\n",
+        ),
+        (
+            &[b"--env-file", b"/dev/zero", b"healthcheck"],
+            "chat-writer: --env-file /dev/zero: larger than 1 MiB\n",
+        ),
+        (
+            &[b"healthcheck", b"x\xff"],
+            "chat-writer: argument \"x\\xFF\" is not valid UTF-8\n",
+        ),
+    ];
+    for (args, want) in cases {
+        let shown: Vec<_> = args.iter().map(|a| String::from_utf8_lossy(a)).collect();
+        let (code, stderr) = run_raw(args, &[]);
+        assert_eq!(code, Some(1), "healthcheck {shown:?}: {stderr}");
+        assert_eq!(stderr, want, "healthcheck {shown:?}");
+        // The same mistake with `migrate` is a usage error: exit 2.
+        let args: Vec<&[u8]> = args
+            .iter()
+            .map(|a| {
+                if *a == b"healthcheck" {
+                    b"migrate" as &[u8]
+                } else {
+                    a
+                }
+            })
+            .collect();
+        let (code, stderr) = run_raw(&args, &[]);
+        assert_eq!(code, Some(2), "migrate {shown:?}: {stderr}");
+        assert_eq!(
+            stderr,
+            want.replace("\"healthcheck\"", "\"migrate\""),
+            "migrate {shown:?}"
+        );
+    }
+}
+
+/// A bad URL is printed with its password replaced by `***` (user and host
+/// kept), from the environment or from an env file; a DATABASE_PASSWORD that
+/// is not UTF-8 is printed as `***`.
+#[test]
+fn configuration_errors_never_print_a_password() {
+    let cases: [(&str, &[u8], &str); 4] = [
+        (
+            "REDIS_URL",
+            b"redis://:secretpw@host:6379/x",
+            "REDIS_URL=\"redis://:***@host:6379/x\": expected a redis://host:port/db URL",
+        ),
+        (
+            "RABBITMQ_URL",
+            b"amqp://writer:secretpw@rabbitmq:99999/",
+            "RABBITMQ_URL=\"amqp://writer:***@rabbitmq:99999/\": \
+             expected an amqp://user:pass@host:port/vhost URL",
+        ),
+        (
+            "ELASTICSEARCH_URL",
+            b"ftp://elastic:secretpw@es:9200",
+            "ELASTICSEARCH_URL=\"ftp://elastic:***@es:9200\": \
+             expected an http:// or https:// URL with a host, or empty",
+        ),
+        (
+            "DATABASE_PASSWORD",
+            b"secretpw\xff",
+            "DATABASE_PASSWORD=\"***\": expected valid UTF-8",
+        ),
+    ];
+    for (var, value, want) in cases {
+        let (code, stderr) = run_raw(&[b"migrate"], &[(var, value)]);
+        assert_eq!(code, Some(2), "{var}: {stderr}");
+        assert_eq!(
+            stderr,
+            format!("chat-writer: invalid configuration: {want}\n"),
+            "{var}"
+        );
+        let Ok(text) = std::str::from_utf8(value) else {
+            continue; // an env file must be UTF-8
+        };
+        let file = EnvFile::new("secret", &format!("DATABASE_HOST=h\n{var}={text}\n"));
+        let (code, stderr) = run_raw(&[b"--env-file", file.path().as_bytes(), b"migrate"], &[]);
+        assert_eq!(code, Some(2), "{var} from the file: {stderr}");
+        assert_eq!(
+            stderr,
+            format!(
+                "chat-writer: invalid configuration: {want} (from --env-file {} line 2)\n",
+                file.path()
+            ),
+            "{var} from the file"
+        );
+    }
+}
+
+/// RETRY_DELAYS tiers under 1 ms would be delay queues with TTL 0 named
+/// `<queue>.retry.0ms`: refused with exit 2 naming the variable.
+#[test]
+fn retry_delays_under_1ms_exit_2() {
+    for value in ["0.1ms", "1s,0.5ms,5s", "0"] {
+        let (code, stderr) = run_raw(&[b"migrate"], &[("RETRY_DELAYS", value.as_bytes())]);
+        assert_eq!(code, Some(2), "{value}: {stderr}");
+        assert_eq!(
+            stderr,
+            format!(
+                "chat-writer: invalid configuration: RETRY_DELAYS={value:?}: expected \
+                 comma-separated durations of at least 1ms like 1s,5s,30s,2m,10m, or empty\n"
+            ),
+            "{value}"
+        );
+    }
+}
+
+/// `--env-file` reads at most 1 MiB: `/dev/zero` (endless) or a file one
+/// byte over exits 2 at once with one line naming the file.
+#[test]
+fn env_file_over_1_mib_exits_2() {
+    let over = EnvFile::new("big", &format!("A={}\n", "x".repeat(1 << 20)));
+    for path in ["/dev/zero", over.path()] {
+        let (code, stderr) = run_raw(&[b"--env-file", path.as_bytes(), b"migrate"], &[]);
+        assert_eq!(code, Some(2), "{path}: {stderr}");
+        assert_eq!(
+            stderr,
+            format!("chat-writer: --env-file {path}: larger than 1 MiB\n")
         );
     }
 }

@@ -8,8 +8,11 @@
 //! ([`crate::metrics::readiness`]). `GET /metrics` is the OpenMetrics text
 //! exposition of [`crate::metrics`].
 //! `chat-writer healthcheck` asks it and exits 0 or 1, because a scratch
-//! image has no curl. The server reads one request line per connection and
-//! closes it; it is not a general HTTP server.
+//! image has no curl. The server reads one request head per connection
+//! (at most [`MAX_HEAD`] bytes, within [`READ_TIMEOUT`]), answers it and
+//! closes the connection; at most [`MAX_CONNECTIONS`] are open at once, so a
+//! flood of clients cannot take the memory or file descriptors the writer
+//! needs for its real work. It is not a general HTTP server.
 
 use async_io::{Async, Timer};
 use smol::io::{AsyncReadExt, AsyncWriteExt};
@@ -22,6 +25,19 @@ pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.
 
 /// Default of HTTP_ADDR.
 pub const DEFAULT_ADDR: &str = "0.0.0.0:9464";
+
+/// Connections served at once; more are closed as soon as accepted. Each
+/// costs a socket and a few KiB while it lives (at most [`READ_TIMEOUT`]
+/// plus the answer), so this bounds the endpoint at about 1 MiB and 256
+/// file descriptors whatever the clients do.
+pub const MAX_CONNECTIONS: usize = 256;
+
+/// The largest request head read (request line and headers); a longer one
+/// is answered `431`.
+pub const MAX_HEAD: usize = 8 * 1024;
+
+/// How long a client may take to send its request head.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Parses HTTP_ADDR (`host:port`); `None` for the empty string (disabled).
 ///
@@ -44,14 +60,37 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<Async<TcpListener>> {
 
 /// Serves connections until the task is dropped. Each connection is
 /// answered by its own small task on an executor nested in this one, so a
-/// slow client cannot hold up the next.
+/// slow client cannot hold up the next; past [`MAX_CONNECTIONS`] open ones,
+/// a new connection is closed at once (a warning at most every 10 s says
+/// how many were).
 pub async fn serve(listener: Async<TcpListener>) {
     let conns = async_executor::LocalExecutor::new();
+    let open = std::rc::Rc::new(std::cell::Cell::new(0usize));
+    let (mut shed, mut shed_logged) = (0u64, None::<std::time::Instant>);
     conns
         .run(async {
             loop {
                 match listener.accept().await {
-                    Ok((stream, _)) => conns.spawn(answer(stream)).detach(),
+                    Ok((stream, _)) if open.get() >= MAX_CONNECTIONS => {
+                        drop(stream);
+                        shed += 1;
+                        if shed_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                            log::warn!(
+                                "http: {MAX_CONNECTIONS} connections open; closed {shed} more at once"
+                            );
+                            (shed, shed_logged) = (0, Some(std::time::Instant::now()));
+                        }
+                    }
+                    Ok((stream, _)) => {
+                        let open = open.clone();
+                        open.set(open.get() + 1);
+                        conns
+                            .spawn(async move {
+                                answer(stream).await;
+                                open.set(open.get() - 1);
+                            })
+                            .detach();
+                    }
                     Err(e) => {
                         log::warn!("http: accept failed: {e}");
                         Timer::after(Duration::from_millis(100)).await;
@@ -62,29 +101,50 @@ pub async fn serve(listener: Async<TcpListener>) {
         .await
 }
 
-async fn answer(mut stream: Async<TcpStream>) {
-    let mut buf = [0u8; 1024];
-    let mut len = 0;
-    let read = async {
-        while len < buf.len() {
-            match stream.read(&mut buf[len..]).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    len += n;
-                    if buf[..len].windows(4).any(|w| w == b"\r\n\r\n")
-                        || buf[..len].contains(&b'\n')
-                    {
-                        break;
-                    }
-                }
-            }
+/// Reads a request head into `buf`: up to the blank line that ends it, or
+/// the first line alone for a request without an HTTP version (`GET
+/// /healthz`). Returns whether the head is complete (false: the client
+/// closed, failed, or sent more than [`MAX_HEAD`] bytes without one).
+async fn read_head(stream: &mut Async<TcpStream>, buf: &mut Vec<u8>) -> bool {
+    let mut chunk = [0u8; 1024];
+    while buf.len() < MAX_HEAD {
+        let n = match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => n,
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        let first_line_end = buf.iter().position(|b| *b == b'\n');
+        let versionless =
+            first_line_end.is_some_and(|end| !buf[..end].windows(5).any(|w| w == b"HTTP/"));
+        if versionless
+            || buf.windows(4).any(|w| w == b"\r\n\r\n")
+            || buf.windows(2).any(|w| w == b"\n\n")
+        {
+            return true;
         }
-    };
-    smol::future::or(read, async {
-        Timer::after(Duration::from_secs(5)).await;
+    }
+    false
+}
+
+async fn answer(mut stream: Async<TcpStream>) {
+    let mut buf = Vec::with_capacity(1024);
+    let complete = smol::future::or(read_head(&mut stream, &mut buf), async {
+        Timer::after(READ_TIMEOUT).await;
+        false
     })
     .await;
-    let line = std::str::from_utf8(&buf[..len])
+    if !complete && buf.len() >= MAX_HEAD {
+        let body = "request head too large\n";
+        let head = format!(
+            "HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        let _ = stream.write_all(head.as_bytes()).await;
+        let _ = stream.write_all(body.as_bytes()).await;
+        close_gracefully(stream).await;
+        return;
+    }
+    let line = std::str::from_utf8(&buf)
         .unwrap_or("")
         .lines()
         .next()
@@ -119,7 +179,31 @@ async fn answer(mut stream: Async<TcpStream>) {
     if method != "HEAD" {
         let _ = stream.write_all(body.as_bytes()).await;
     }
+    close_gracefully(stream).await;
+}
+
+/// Ends the answer without a reset: closing a socket that still holds
+/// unread input (a request body, a pipelined request) makes the kernel
+/// send RST, which can destroy the answer before the client has read it.
+/// So: flush, send FIN, then read and drop what the client still sends
+/// (at most 64 KiB, at most 1 s) before closing.
+async fn close_gracefully(mut stream: Async<TcpStream>) {
     let _ = stream.flush().await;
+    let _ = stream.get_ref().shutdown(std::net::Shutdown::Write);
+    let drain = async {
+        let mut sink = [0u8; 4096];
+        let mut left = 64 * 1024usize;
+        while left > 0 {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    smol::future::or(drain, async {
+        Timer::after(Duration::from_secs(1)).await;
+    })
+    .await;
 }
 
 /// `chat-writer healthcheck`: `GET /healthz` at `addr` (an unspecified

@@ -166,6 +166,8 @@ pub struct Metrics {
     index_in_hand: AtomicI64,
     /// Commit time (µs) of the oldest index message in hand; 0 when none.
     index_oldest_in_hand_us: AtomicI64,
+    /// Set by the first SIGTERM/SIGINT: no longer ready.
+    shutting_down: std::sync::atomic::AtomicBool,
 }
 
 impl Metrics {
@@ -197,6 +199,7 @@ impl Metrics {
             index_ready: AtomicI64::new(0),
             index_in_hand: AtomicI64::new(0),
             index_oldest_in_hand_us: AtomicI64::new(0),
+            shutting_down: std::sync::atomic::AtomicBool::new(false),
             registry: Registry::default(),
         };
         let build: Family<BuildLabels, Gauge> = Family::default();
@@ -345,6 +348,15 @@ impl Metrics {
         QueueLabel { queue }
     }
 
+    /// Marks the process as shutting down (first SIGTERM/SIGINT): `/readyz`
+    /// answers 503 `shutting down` from then on, and `consuming` is 0 (no
+    /// new deliveries are taken).
+    pub fn set_shutting_down(&self) {
+        self.shutting_down
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.consuming.set(0);
+    }
+
     /// Sets `chat_writer_up{dependency}` to 1 or 0.
     pub fn set_up(&self, dependency: Dependency, up: bool) {
         self.up
@@ -409,7 +421,9 @@ pub fn get() -> &'static Metrics {
 /// consuming), else the first reason it is not, in one line (`/readyz`).
 pub fn readiness() -> Result<(), &'static str> {
     let m = get();
-    if !m.is_up(Dependency::rabbitmq) {
+    if m.shutting_down.load(std::sync::atomic::Ordering::Relaxed) {
+        Err("shutting down")
+    } else if !m.is_up(Dependency::rabbitmq) {
         Err("rabbitmq: not connected")
     } else if m.consuming.get() != 1 {
         Err("rabbitmq: not consuming")
@@ -454,7 +468,9 @@ mod tests {
         assert_eq!(readiness(), Err("mysql: not answering"));
         m.set_up(Dependency::mysql, true);
         assert_eq!(readiness(), Ok(()));
+        m.set_shutting_down();
+        assert_eq!(readiness(), Err("shutting down"));
+        assert_eq!(m.consuming.get(), 0);
         m.set_up(Dependency::rabbitmq, false);
-        m.consuming.set(0);
     }
 }

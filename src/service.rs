@@ -18,7 +18,7 @@ use crate::amqp::consumer::BatchConsumer;
 use crate::amqp::republish::Republisher;
 use crate::amqp::{self, INDEX_QUEUE, WORK_QUEUES};
 use crate::backoff::Backoff;
-use crate::config::Config;
+use crate::config::{redact_url as redact, Config};
 use crate::count_sync::{self, CountSync};
 use crate::elasticsearch::backfill::{self, BACKFILL_QUEUE};
 use crate::elasticsearch::{indexer, Client};
@@ -156,6 +156,7 @@ async fn watch_signals(mut signals: Signals, shutdown: Shutdown, timeout: Durati
         timeout.as_secs_f64()
     );
     shutdown.trigger();
+    crate::metrics::get().set_shutting_down();
     std::thread::spawn(move || {
         std::thread::sleep(timeout);
         log::error!("shutdown did not finish within SHUTDOWN_TIMEOUT; exiting");
@@ -309,16 +310,4 @@ async fn generation(
         log::debug!("rabbitmq: connection close: {e}");
     }
     result
-}
-
-/// The URL with any password replaced by `***`, for logs.
-pub fn redact(url: &str) -> String {
-    if let Some((scheme, rest)) = url.split_once("://") {
-        if let Some((userinfo, host)) = rest.split_once('@') {
-            if let Some((user, _)) = userinfo.split_once(':') {
-                return format!("{scheme}://{user}:***@{host}");
-            }
-        }
-    }
-    url.to_string()
 }

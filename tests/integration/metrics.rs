@@ -243,6 +243,74 @@ fn a_broker_that_never_answers_the_handshake_is_retried() {
     });
 }
 
+/// The endpoint cannot be flooded: of 300 idle connections, exactly
+/// MAX_CONNECTIONS (256) are held and the other 44 closed at once; once
+/// they go, it answers again. A request whose headers are larger than one
+/// read (a long bearer token) gets its whole answer, with no reset.
+#[test]
+fn http_endpoint_caps_connections_and_reads_whole_heads() {
+    use std::io::{Read, Write};
+    let env = TestEnv::new("metrics_http_limits");
+    smol::block_on(async {
+        env.migrate_and_seed().await;
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut w = env.start_writer(&[("HTTP_ADDR", addr.as_str())]);
+        wait_ready(&addr, (200, "ready\n")).await;
+
+        // A 2,000-byte header: the answer arrives whole, then EOF (no RST).
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        let token = "a".repeat(2000);
+        write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n"
+        )
+        .unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut answer = Vec::new();
+        s.read_to_end(&mut answer)
+            .expect("the whole answer, then EOF, no reset");
+        let text = String::from_utf8_lossy(&answer);
+        let (head, body) = text.split_once("\r\n\r\n").expect("a head");
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Content-Length: "))
+            .expect("Content-Length")
+            .parse()
+            .unwrap();
+        assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+        assert_eq!(body.len(), length);
+        assert!(body.ends_with("# EOF\n"));
+        // The server lingers up to 1 s on a connection for the client's
+        // close: let this one go before counting.
+        drop(s);
+        smol::Timer::after(Duration::from_millis(1500)).await;
+
+        let held: Vec<std::net::TcpStream> = (0..300)
+            .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+            .collect();
+        smol::Timer::after(Duration::from_millis(1000)).await;
+        let mut closed = 0;
+        for c in &held {
+            c.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+            let mut b = [0u8; 1];
+            if matches!((&*c).read(&mut b), Ok(0)) {
+                closed += 1;
+            }
+        }
+        assert_eq!(closed, 300 - 256);
+        drop(held);
+        wait_ready(&addr, (200, "ready\n")).await;
+        let log = w.log();
+        assert!(
+            log.contains("http: 256 connections open; closed 1 more at once"),
+            "{log}"
+        );
+        w.sigterm();
+        let exit = w.wait_exit(Duration::from_secs(20));
+        assert_eq!(exit.code, Some(0), "{}", w.log_tail(20));
+    });
+}
+
 /// While Elasticsearch is unreachable, the index backlog counts what the
 /// indexer holds and the index lag grows with the oldest held message; once
 /// it is back and everything is indexed, the idle indexer reports lag 0.

@@ -1,10 +1,12 @@
 //! Probes and the periodic summary line (issue 5).
 //!
 //! Consumers and the count sync only learn that MySQL or Redis is down when
-//! they use them, and an idle writer uses neither. So every
+//! they use them, and an idle writer uses neither; the indexer learns that
+//! Elasticsearch hangs only when a request times out (60 s). So every
 //! [`PROBE_EVERY`] a task asks each one (`SELECT 1` on a connection of its
-//! own, `PING`, each within [`PROBE_TIMEOUT`]) and sets `chat_writer_up`,
-//! which `/readyz` reads. The probe's MySQL connection is one more than
+//! own, `PING`, `GET /` of Elasticsearch, each within [`PROBE_TIMEOUT`])
+//! and sets `chat_writer_up`, which `/readyz` reads (MySQL) and operators
+//! alert on. The probe's MySQL connection is one more than
 //! DB_MAX_OPEN_CONNS.
 //! Every [`SUMMARY_EVERY`] it also logs one `summary` line at info with the
 //! rates since the previous line, the index backlog and lag, and the
@@ -71,6 +73,20 @@ pub async fn probe_redis(redis: &Redis) -> bool {
     ok
 }
 
+/// `GET /` of the Elasticsearch base URL on smol's blocking pool: true if
+/// it answered in time with a status under 500 (401 or 403 still mean the
+/// server is there).
+pub async fn probe_elasticsearch(agent: &ureq::Agent, base: &str) -> bool {
+    let (agent, url) = (agent.clone(), format!("{base}/"));
+    smol::unblock(move || {
+        agent
+            .get(&url)
+            .call()
+            .is_ok_and(|r| r.status().as_u16() < 500)
+    })
+    .await
+}
+
 /// Totals of the per-queue counters, for rates.
 #[derive(Default, Clone, Copy)]
 struct Totals {
@@ -107,10 +123,22 @@ fn state(d: Dependency) -> &'static str {
     }
 }
 
-/// Probes until shutdown and logs the summary line. `indexing`: whether
-/// Elasticsearch is configured (its state is omitted otherwise).
-pub async fn run(mysql: Opts, redis: std::rc::Rc<Redis>, indexing: bool, shutdown: Shutdown) {
+/// Probes until shutdown and logs the summary line. `elasticsearch`: its
+/// base URL when indexing is on (not probed, and omitted from the summary,
+/// otherwise).
+pub async fn run(
+    mysql: Opts,
+    redis: std::rc::Rc<Redis>,
+    elasticsearch: Option<String>,
+    shutdown: Shutdown,
+) {
     let m = metrics::get();
+    let indexing = elasticsearch.is_some();
+    let es_agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(PROBE_TIMEOUT))
+        .build()
+        .into();
     let mut probe_conn: Option<Conn> = None;
     let mut last = totals();
     let mut last_at = Instant::now();
@@ -120,6 +148,12 @@ pub async fn run(mysql: Opts, redis: std::rc::Rc<Redis>, indexing: bool, shutdow
             probe_mysql(&mysql, &mut probe_conn).await,
         );
         m.set_up(Dependency::redis, probe_redis(&redis).await);
+        if let Some(base) = &elasticsearch {
+            m.set_up(
+                Dependency::elasticsearch,
+                probe_elasticsearch(&es_agent, base).await,
+            );
+        }
         m.refresh_index_lag(crate::time::now_micros());
         if last_at.elapsed() >= SUMMARY_EVERY {
             let now = totals();

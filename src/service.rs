@@ -106,7 +106,7 @@ async fn serve(ex: &LocalExecutor<'_>, cfg: Config, signals: Signals) -> i32 {
     let monitor = ex.spawn(crate::monitor::run(
         crate::mysql::opts(&cfg, Some(&cfg.database_name)),
         redis.clone(),
-        cfg.elasticsearch_url.is_some(),
+        cfg.elasticsearch_url.clone(),
         shutdown.clone(),
     ));
 

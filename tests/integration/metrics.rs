@@ -311,6 +311,53 @@ fn http_endpoint_caps_connections_and_reads_whole_heads() {
     });
 }
 
+/// Elasticsearch that accepts connections and never answers reads as down
+/// within seconds (the monitor's 2 s probe every 5 s), not only after the
+/// indexer's 60 s request timeout, and as up again once it answers.
+#[test]
+fn elasticsearch_that_hangs_reads_as_down_within_seconds() {
+    let env = TestEnv::new("metrics_es_hang");
+    smol::block_on(async {
+        env.migrate_and_seed().await;
+        let es = Proxy::start(
+            env.es_url
+                .trim_start_matches("http://")
+                .parse::<SocketAddr>()
+                .expect("ES address"),
+        );
+        let es_url = format!("http://127.0.0.1:{}", es.port);
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut w = env.start_writer(&[
+            ("HTTP_ADDR", addr.as_str()),
+            ("ELASTICSEARCH_URL", es_url.as_str()),
+        ]);
+        env.wait_consuming(&mut w).await;
+        wait_empty_index(&w).await;
+        let a = addr.as_str();
+        let up = [("dependency", "elasticsearch")];
+        wait_until("elasticsearch up", WAIT, POLL, move || async move {
+            scrape(a).value("chat_writer_up", &up) == Some(1.0)
+        })
+        .await;
+        es.freeze();
+        wait_until(
+            "elasticsearch down while it hangs",
+            Duration::from_secs(15),
+            POLL,
+            move || async move { scrape(a).value("chat_writer_up", &up) == Some(0.0) },
+        )
+        .await;
+        es.resume();
+        wait_until("elasticsearch up again", WAIT, POLL, move || async move {
+            scrape(a).value("chat_writer_up", &up) == Some(1.0)
+        })
+        .await;
+        w.sigterm();
+        let exit = w.wait_exit(Duration::from_secs(20));
+        assert_eq!(exit.code, Some(0), "{}", w.log_tail(20));
+    });
+}
+
 /// While Elasticsearch is unreachable, the index backlog counts what the
 /// indexer holds and the index lag grows with the oldest held message; once
 /// it is back and everything is indexed, the idle indexer reports lag 0.

@@ -275,29 +275,35 @@ impl Config {
         };
         let es = get("ELASTICSEARCH_URL");
         let es_ok = |u: &str| {
-            (u.starts_with("http://") || u.starts_with("https://"))
+            u.starts_with("http://")
                 && u.parse::<ureq::http::Uri>()
                     .is_ok_and(|uri| uri.host().is_some_and(|h| !h.is_empty()))
         };
         let elasticsearch_url = if es.is_empty() {
             None
+        } else if es.starts_with("https://") {
+            return Err(err("ELASTICSEARCH_URL", &es, NO_TLS_HTTP));
         } else if es_ok(&es) {
             Some(es.trim_end_matches('/').to_string())
         } else {
             return Err(err(
                 "ELASTICSEARCH_URL",
                 &es,
-                "an http:// or https:// URL with a host, or empty",
+                "an http:// URL with a host, or empty",
             ));
         };
         let redis_url = non_empty("REDIS_URL")?;
-        if !(redis_url.starts_with("redis://") || redis_url.starts_with("rediss://"))
-            || redis::Client::open(redis_url.as_str()).is_err()
-        {
+        if redis_url.starts_with("rediss://") {
+            return Err(err("REDIS_URL", &redis_url, NO_TLS_REDIS));
+        }
+        if !redis_url.starts_with("redis://") || redis::Client::open(redis_url.as_str()).is_err() {
             return Err(err("REDIS_URL", &redis_url, "a redis://host:port/db URL"));
         }
         let rabbitmq_url = non_empty("RABBITMQ_URL")?;
-        if !(rabbitmq_url.starts_with("amqp://") || rabbitmq_url.starts_with("amqps://"))
+        if rabbitmq_url.starts_with("amqps://") {
+            return Err(err("RABBITMQ_URL", &rabbitmq_url, NO_TLS_AMQP));
+        }
+        if !rabbitmq_url.starts_with("amqp://")
             || rabbitmq_url.parse::<lapin::uri::AMQPUri>().is_err()
         {
             return Err(err(
@@ -442,6 +448,17 @@ pub fn redact_url(url: &str) -> String {
     };
     format!("{}***{}", &url[..start + colon + 1], &rest[at..])
 }
+
+/// This build has no TLS (no TLS library is linked: the binary stays
+/// small); a TLS URL is refused at start rather than failing on every
+/// connection attempt. Terminate TLS in front of the writer (a sidecar or
+/// a local proxy) instead.
+const NO_TLS_HTTP: &str =
+    "an http:// URL (this build has no TLS; put a TLS-terminating proxy in front for https)";
+const NO_TLS_REDIS: &str =
+    "a redis:// URL (this build has no TLS; put a TLS-terminating proxy in front for rediss)";
+const NO_TLS_AMQP: &str =
+    "an amqp:// URL (this build has no TLS; put a TLS-terminating proxy in front for amqps)";
 
 fn err(variable: &'static str, value: &str, expected: &str) -> ConfigError {
     ConfigError {
@@ -641,6 +658,22 @@ mod tests {
         }
     }
 
+    /// TLS URLs are refused at start (no TLS library in this build) with
+    /// the reason, instead of failing on every connection attempt.
+    #[test]
+    fn tls_urls_are_refused_with_the_reason() {
+        for (var, val, form) in [
+            ("ELASTICSEARCH_URL", "https://es:9200", NO_TLS_HTTP),
+            ("RABBITMQ_URL", "amqps://u:p@mq:5671/", NO_TLS_AMQP),
+            ("REDIS_URL", "rediss://cache:6380/0", NO_TLS_REDIS),
+        ] {
+            let e = cfg(&[(var, val)]).unwrap_err();
+            assert_eq!(e.variable, var);
+            assert_eq!(e.expected, form);
+            assert!(e.to_string().contains("this build has no TLS"), "{e}");
+        }
+    }
+
     #[test]
     fn redact_url_hides_only_the_password() {
         for (url, shown) in [
@@ -699,7 +732,7 @@ mod tests {
                 "ELASTICSEARCH_URL",
                 "ftp://elastic:secretpw@es:9200",
                 "invalid configuration: ELASTICSEARCH_URL=\"ftp://elastic:***@es:9200\": \
-                 expected an http:// or https:// URL with a host, or empty",
+                 expected an http:// URL with a host, or empty",
             ),
         ] {
             let e = cfg(&[(var, val)]).unwrap_err();

@@ -642,7 +642,7 @@ fn configuration_errors_never_print_a_password() {
             "ELASTICSEARCH_URL",
             b"ftp://elastic:secretpw@es:9200",
             "ELASTICSEARCH_URL=\"ftp://elastic:***@es:9200\": \
-             expected an http:// or https:// URL with a host, or empty",
+             expected an http:// URL with a host, or empty",
         ),
         (
             "DATABASE_PASSWORD",

@@ -20,6 +20,19 @@ fn message(chat_id: i64, number: i64) -> serde_json::Value {
            "body": format!("body {number}")})
 }
 
+/// A proxy in front of the test's Elasticsearch-compatible server, and the
+/// URL that goes through it.
+fn es_proxy(env: &TestEnv) -> (Proxy, String) {
+    let es = Proxy::start(
+        env.es_url
+            .trim_start_matches("http://")
+            .parse::<SocketAddr>()
+            .expect("ES address"),
+    );
+    let url = format!("http://127.0.0.1:{}", es.port);
+    (es, url)
+}
+
 /// Waits until the writer has created the index and backfilled it from
 /// MySQL (empty then), so no backfilled document is counted later.
 async fn wait_empty_index(w: &crate::common::Writer) {
@@ -196,9 +209,7 @@ fn readyz_follows_the_broker_and_mysql_connections() {
         let m = scrape(&addr);
         assert_eq!(m.must("chat_writer_up", &[("dependency", "rabbitmq")]), 1.0);
         assert_eq!(m.must("chat_writer_up", &[("dependency", "mysql")]), 1.0);
-        w.sigterm();
-        let exit = w.wait_exit(Duration::from_secs(20));
-        assert_eq!(exit.code, Some(0), "{}", w.log_tail(20));
+        w.stop_within(Duration::from_secs(20));
     });
 }
 
@@ -237,9 +248,7 @@ fn a_broker_that_never_answers_the_handshake_is_retried() {
             log.contains("no AMQP handshake within 10 s; reconnecting"),
             "{log}"
         );
-        w.sigterm();
-        let exit = w.wait_exit(Duration::from_secs(20));
-        assert_eq!(exit.code, Some(0), "{}", w.log_tail(20));
+        w.stop_within(Duration::from_secs(20));
     });
 }
 
@@ -305,9 +314,7 @@ fn http_endpoint_caps_connections_and_reads_whole_heads() {
             log.contains("http: 256 connections open; closed 1 more at once"),
             "{log}"
         );
-        w.sigterm();
-        let exit = w.wait_exit(Duration::from_secs(20));
-        assert_eq!(exit.code, Some(0), "{}", w.log_tail(20));
+        w.stop_within(Duration::from_secs(20));
     });
 }
 
@@ -319,13 +326,7 @@ fn elasticsearch_that_hangs_reads_as_down_within_seconds() {
     let env = TestEnv::new("metrics_es_hang");
     smol::block_on(async {
         env.migrate_and_seed().await;
-        let es = Proxy::start(
-            env.es_url
-                .trim_start_matches("http://")
-                .parse::<SocketAddr>()
-                .expect("ES address"),
-        );
-        let es_url = format!("http://127.0.0.1:{}", es.port);
+        let (es, es_url) = es_proxy(&env);
         let addr = format!("127.0.0.1:{}", free_port());
         let mut w = env.start_writer(&[
             ("HTTP_ADDR", addr.as_str()),
@@ -352,9 +353,7 @@ fn elasticsearch_that_hangs_reads_as_down_within_seconds() {
             scrape(a).value("chat_writer_up", &up) == Some(1.0)
         })
         .await;
-        w.sigterm();
-        let exit = w.wait_exit(Duration::from_secs(20));
-        assert_eq!(exit.code, Some(0), "{}", w.log_tail(20));
+        w.stop_within(Duration::from_secs(20));
     });
 }
 
@@ -366,13 +365,7 @@ fn index_backlog_and_lag_move_while_elasticsearch_is_down() {
     let env = TestEnv::new("metrics_index_lag");
     smol::block_on(async {
         env.migrate_and_seed().await;
-        let es = Proxy::start(
-            env.es_url
-                .trim_start_matches("http://")
-                .parse::<SocketAddr>()
-                .expect("ES address"),
-        );
-        let es_url = format!("http://127.0.0.1:{}", es.port);
+        let (es, es_url) = es_proxy(&env);
         let amqp = env.amqp().await;
         amqp.declare_work_queues().await;
         let addr = format!("127.0.0.1:{}", free_port());

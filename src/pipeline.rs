@@ -118,8 +118,8 @@ pub async fn run(ctx: &Context, mut consumer: BatchConsumer) -> Result<(), Strin
                     .abandoned
                     .get_or_create(&Metrics::queue(queue))
                     .inc_by(taken as u64);
-                requeued?;
-                if resume_when_mysql_answers(ctx, &mut consumer).await? {
+                let paused = requeued?;
+                if resume_when_mysql_answers(ctx, &mut consumer, paused).await? {
                     continue;
                 }
                 return Ok(());
@@ -148,25 +148,43 @@ enum Step {
 /// (CONTRACT section 6: never acked, never dead-lettered;
 /// MYSQL_REQUEUE_AFTER). [`resume_when_mysql_answers`] follows.
 ///
-/// Errors: the channel failed (the caller reconnects; the deliveries
-/// return to the queue with the channel).
+/// Returns the pause, counted in `consumers_paused` until it is dropped
+/// (by [`resume_when_mysql_answers`], or with the task when a reconnect or
+/// shutdown cancels it). Errors: the channel failed (the caller
+/// reconnects; the deliveries return to the queue with the channel).
 async fn requeue_all(
     ctx: &Context,
     consumer: &mut BatchConsumer,
     batch: Vec<Delivery>,
-) -> Result<(), String> {
+) -> Result<Paused, String> {
     let m = metrics::get();
     m.mysql_requeues
         .get_or_create(&Metrics::queue(consumer.queue()))
         .inc();
     let n = consumer.requeue_all_and_pause(batch).await?;
-    m.consumers_paused.inc();
     log::warn!(
-        "mysql: queue={} writes failing for {} s; gave {n} deliveries back to the queue; consuming again when MySQL answers",
+        "mysql: queue={} writes failing for at least {} s; gave {n} deliveries back to the queue; consuming again when MySQL answers",
         consumer.queue(),
         ctx.mysql_requeue_after.as_secs_f64()
     );
-    Ok(())
+    Ok(Paused::new())
+}
+
+/// One paused consumer in `chat_writer_consumers_paused`, for as long as
+/// this value lives.
+struct Paused;
+
+impl Paused {
+    fn new() -> Paused {
+        metrics::get().consumers_paused.inc();
+        Paused
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        metrics::get().consumers_paused.dec();
+    }
 }
 
 /// Waits until MySQL answers again (the monitor's probe, or a write error
@@ -177,6 +195,7 @@ async fn requeue_all(
 async fn resume_when_mysql_answers(
     ctx: &Context,
     consumer: &mut BatchConsumer,
+    paused: Paused,
 ) -> Result<bool, String> {
     let m = metrics::get();
     let paused_at = Instant::now();
@@ -199,7 +218,7 @@ async fn resume_when_mysql_answers(
     } else {
         Ok(false)
     };
-    m.consumers_paused.dec();
+    drop(paused);
     result
 }
 

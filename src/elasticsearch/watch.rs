@@ -78,6 +78,10 @@ impl IndexWatch {
             return Ok(false);
         };
         let replaced = self.known.as_deref().is_some_and(|k| k != uuid);
+        if replaced {
+            // Whatever was settled was about the index seen before.
+            self.settled = false;
+        }
         if self.known.as_deref() == Some(uuid.as_str()) && self.settled {
             return Ok(false);
         }

@@ -682,6 +682,11 @@ fn a_replica_without_mysql_gives_its_deliveries_to_the_others() {
             m.text
         );
 
+        // A broker reconnect while A is paused: the paused consumer's task
+        // is cancelled with its connection, and its pause must go with it
+        // (else `consumers_paused` stays 1 and /readyz 503 for good).
+        assert!(crate::common::faults::close_writer_connections(&env.vhost, "test") >= 2);
+
         // MySQL back: A consumes again and takes a share of new work.
         mysql.resume();
         wait_for(
@@ -724,6 +729,12 @@ fn a_replica_without_mysql_gives_its_deliveries_to_the_others() {
                 .await,
             400
         );
+        // A batch's rows are committed before it is settled and counted.
+        wait_until("400 stored over A and B", WAIT, POLL, move || async move {
+            let stored = |a: &str| scrape(a).value("chat_writer_deliveries_stored_total", &cm);
+            matches!((stored(aa), stored(ab)), (Some(x), Some(y)) if x + y == 400.0)
+        })
+        .await;
         let (sa, sb) = (scrape(aa), scrape(ab));
         let stored_a = sa.must("chat_writer_deliveries_stored_total", &cm);
         let stored_b = sb.must("chat_writer_deliveries_stored_total", &cm);
@@ -836,6 +847,55 @@ fn three_writers_backfill_a_new_index_once() {
             "{logs:#?}"
         );
         assert_eq!(lines("backfill: done"), 1, "{logs:#?}");
+
+        // The index is replaced under the running replicas by one whose
+        // creator claimed the backfill 55 s ago and died before queuing it:
+        // once the claim is stale (60 s), a replica that had settled the
+        // old index takes it over; the index converges with no restart.
+        // First every replica's idle check (every 3 s) sees the first index
+        // marked, so each has settled it.
+        smol::Timer::after(Duration::from_secs(4)).await;
+        es.delete_index();
+        let claimed_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_micros() as i64
+            - 55_000_000;
+        let mapping = serde_json::json!({"mappings": {
+            "_meta": {"chat_writer": {"backfilled": false, "backfill_claimed_us": claimed_us}},
+            "properties": {"token": {"type": "keyword"}, "chat_number": {"type": "integer"},
+                "number": {"type": "integer"}, "body": {"type": "text"},
+                "created_at": {"type": "date"}}}});
+        let (status, _) = es
+            .req("PUT", &format!("/{}", es.index), Some(mapping.to_string()))
+            .await;
+        assert_eq!(status, 200);
+        wait_for(
+            "the replaced index backfilled after its claim went stale",
+            WAIT,
+            POLL,
+            move || async move {
+                let count = es.count().await;
+                let (_, mapping) = es
+                    .req("GET", &format!("/{}/_mapping", es.index), None)
+                    .await;
+                let marked = mapping[es.index.as_str()]["mappings"]["_meta"]["chat_writer"]
+                    ["backfilled"]
+                    .as_bool();
+                if (count, marked) == (Some(ROWS as u64), Some(true)) {
+                    Ok(())
+                } else {
+                    Err(format!("(documents, marked) {:?}", (count, marked)))
+                }
+            },
+        )
+        .await;
+        let logs: Vec<String> = writers.iter().map(|w| w.log()).collect();
+        let requested: usize = logs
+            .iter()
+            .map(|l| l.matches("backfill: requested").count())
+            .sum();
+        assert_eq!(requested, 2, "{logs:#?}");
         for w in writers.iter_mut() {
             assert_eq!(w.stop().code, Some(0));
         }

@@ -214,9 +214,12 @@ impl Client {
     /// before requesting a backfill and repeated while it runs, so other
     /// replicas leave it to this one.
     ///
+    /// Returns the claim written (microseconds since the epoch).
     /// Errors: unreachable, or an unexpected answer.
-    pub async fn claim_backfill(&self) -> Result<(), String> {
-        self.put_meta(pending_meta(crate::time::now_micros())).await
+    pub async fn claim_backfill(&self) -> Result<i64, String> {
+        let claimed_us = crate::time::now_micros();
+        self.put_meta(pending_meta(claimed_us)).await?;
+        Ok(claimed_us)
     }
 
     /// Replaces the index's `_meta` with `meta` (a JSON object).

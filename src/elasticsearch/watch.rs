@@ -32,6 +32,11 @@ use std::time::{Duration, Instant};
 /// (`backfill::CLAIM_REFRESH`).
 pub const CLAIM_TTL: Duration = Duration::from_secs(60);
 
+/// How long a writer that took over a stale claim waits before reading it
+/// back: replicas that took it over at the same moment each wrote their
+/// own; the last one written stands and only its writer requests.
+pub const CLAIM_SETTLE: Duration = Duration::from_secs(1);
+
 /// What the watch last saw.
 #[derive(Debug, Default)]
 pub struct IndexWatch {
@@ -132,7 +137,20 @@ impl IndexWatch {
                     }
                     return Ok(false);
                 }
-                client.claim_backfill().await?;
+                // Replicas whose checks run in step all see the claim go
+                // stale at once: each writes its own claim, and after a
+                // moment only the one whose claim is still there (the last
+                // written) requests the backfill.
+                let mine = client.claim_backfill().await?;
+                async_io::Timer::after(CLAIM_SETTLE).await;
+                if client.inspect().await?.backfill_claimed_us != Some(mine) {
+                    log::info!(
+                        "elasticsearch: index {}: another writer took over the stale backfill claim",
+                        client.index()
+                    );
+                    self.deferred = Some(uuid);
+                    return Ok(false);
+                }
                 Ok(self.request_once(uuid))
             }
             None => {

@@ -154,6 +154,18 @@ impl Es {
         v
     }
 
+    /// The writer's `_meta.chat_writer.backfilled` marker of the index;
+    /// `None` if the index or the marker is missing.
+    pub async fn backfilled(&self) -> Option<bool> {
+        let (status, v) = self
+            .req("GET", &format!("/{}/_mapping", self.index), None)
+            .await;
+        if status != 200 {
+            return None;
+        }
+        v[self.index.as_str()]["mappings"]["_meta"]["chat_writer"]["backfilled"].as_bool()
+    }
+
     /// `_count` of the index after a refresh; `None` if the index is missing.
     pub async fn count(&self) -> Option<u64> {
         let _ = self

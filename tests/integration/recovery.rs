@@ -15,17 +15,6 @@ use crate::common::load::{
 use crate::common::{wait_until, Es, TestEnv};
 use crate::outages::{creates, seed};
 
-/// The `_meta.chat_writer.backfilled` marker of the index.
-async fn backfilled(es: &Es) -> Option<bool> {
-    let (status, v) = es
-        .req("GET", &format!("/{}/_mapping", es.index), None)
-        .await;
-    if status != 200 {
-        return None;
-    }
-    v[es.index.as_str()]["mappings"]["_meta"]["chat_writer"]["backfilled"].as_bool()
-}
-
 /// Elasticsearch is down when the writer starts and comes back empty while
 /// index work is being retried: the retried bulk must not auto-create an
 /// unmapped index; the index is created with the mapping and every message,
@@ -62,7 +51,7 @@ fn elasticsearch_back_empty_after_the_writer_started_is_backfilled() {
             "backfill marked",
             Duration::from_secs(30),
             Duration::from_millis(200),
-            move || async move { backfilled(e).await == Some(true) },
+            move || async move { e.backfilled().await == Some(true) },
         )
         .await;
         assert_eq!(es.count().await, Some(rows.len() as u64));
@@ -115,7 +104,7 @@ fn index_created_but_never_backfilled_is_backfilled_by_the_next_writer() {
             "backfill marked",
             Duration::from_secs(30),
             Duration::from_millis(200),
-            move || async move { backfilled(e).await == Some(true) },
+            move || async move { e.backfilled().await == Some(true) },
         )
         .await;
         assert_eq!(env.es.count().await, Some(rows.len() as u64));

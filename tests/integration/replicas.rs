@@ -800,13 +800,7 @@ fn three_writers_backfill_a_new_index_once() {
             WAIT,
             POLL,
             move || async move {
-                let count = es.count().await;
-                let (_, mapping) = es
-                    .req("GET", &format!("/{}/_mapping", es.index), None)
-                    .await;
-                let marked = mapping[es.index.as_str()]["mappings"]["_meta"]["chat_writer"]
-                    ["backfilled"]
-                    .as_bool();
+                let (count, marked) = (es.count().await, es.backfilled().await);
                 let q = e.list_queues();
                 let depth = |n: &str| q.get(n).map(|v| v.0);
                 let state = (
@@ -875,13 +869,7 @@ fn three_writers_backfill_a_new_index_once() {
             WAIT,
             POLL,
             move || async move {
-                let count = es.count().await;
-                let (_, mapping) = es
-                    .req("GET", &format!("/{}/_mapping", es.index), None)
-                    .await;
-                let marked = mapping[es.index.as_str()]["mappings"]["_meta"]["chat_writer"]
-                    ["backfilled"]
-                    .as_bool();
+                let (count, marked) = (es.count().await, es.backfilled().await);
                 if (count, marked) == (Some(ROWS as u64), Some(true)) {
                     Ok(())
                 } else {

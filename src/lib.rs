@@ -9,6 +9,7 @@
 //! |---|---|
 //! | configuration (env, `--env-file`) | [`config`], [`env_file`] |
 //! | payload decoding and validation | [`payload`] |
+//! | the order of edits (edit versions) | [`edit_order`] |
 //! | MySQL store, schema, batched writes | [`mysql`] |
 //! | Redis connection and change markers | [`redis_store`] |
 //! | count sync | [`count_sync`] |
@@ -26,6 +27,7 @@ pub mod amqp;
 pub mod backoff;
 pub mod config;
 pub mod count_sync;
+pub mod edit_order;
 pub mod elasticsearch;
 pub mod env_file;
 pub mod http;

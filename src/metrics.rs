@@ -21,7 +21,8 @@ use std::sync::OnceLock;
 /// Label of per-queue metrics: the work queue's name.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct QueueLabel {
-    /// `create_chats`, `create_messages` or `update_messages`.
+    /// `create_chats`, `create_messages` or `update_messages` (and
+    /// `chat_writer.index` for `deliveries_parked`).
     pub queue: &'static str,
 }
 
@@ -110,8 +111,16 @@ pub struct Metrics {
     /// Deliveries taken from each work queue.
     pub received: Family<QueueLabel, Counter>,
     /// Deliveries whose effect is in MySQL: a create inserted or already
-    /// there (duplicates included), an update applied.
+    /// there (duplicates included), an update applied or superseded.
     pub stored: Family<QueueLabel, Counter>,
+    /// Edits older than the edit their row holds (by edit version): success,
+    /// acked, nothing written; included in `stored`.
+    pub superseded: Family<QueueLabel, Counter>,
+    /// Deliveries republished to their own queue as fresh copies and acked:
+    /// those the broker had returned before (`x-delivery-count` >= 1), and
+    /// those a consumer gave back (MySQL failing for MYSQL_REQUEUE_AFTER).
+    /// Received again later.
+    pub parked: Family<QueueLabel, Counter>,
     /// Creates whose row was already there (at-least-once delivery): success, not written again.
     pub duplicates: Family<QueueLabel, Counter>,
     /// Deliveries sent to a delay tier (parent or row not there yet).
@@ -119,8 +128,7 @@ pub struct Metrics {
     /// Deliveries dead-lettered (malformed, refused, or out of delay tiers).
     pub dead_lettered: Family<QueueLabel, Counter>,
     /// Deliveries taken but left unacked (shutdown during a MySQL retry, a
-    /// broker failure before the ack) or given back to the queue (MySQL
-    /// failing for MYSQL_REQUEUE_AFTER): redelivered and received again.
+    /// broker failure before the ack): redelivered and received again.
     pub abandoned: Family<QueueLabel, Counter>,
     /// MySQL attempts that failed and were retried in place (CONTRACT section 6).
     pub write_errors: Family<QueueLabel, Counter>,
@@ -176,6 +184,8 @@ impl Metrics {
         let m = Metrics {
             received: Family::default(),
             stored: Family::default(),
+            superseded: Family::default(),
+            parked: Family::default(),
             duplicates: Family::default(),
             retried: Family::default(),
             dead_lettered: Family::default(),
@@ -236,8 +246,18 @@ impl Metrics {
             m.dead_lettered.clone(),
         );
         r.register(
+            "deliveries_superseded",
+            "Edits older than the edit their row holds (acked, not written; counted in stored)",
+            m.superseded.clone(),
+        );
+        r.register(
+            "deliveries_parked",
+            "Deliveries republished to their queue as fresh copies and acked (returned by the broker before, or given back)",
+            m.parked.clone(),
+        );
+        r.register(
             "deliveries_abandoned",
-            "Deliveries taken but left unacked or given back (redelivered later)",
+            "Deliveries taken but left unacked (redelivered later)",
             m.abandoned.clone(),
         );
         r.register(
@@ -327,6 +347,7 @@ impl Metrics {
                 &m.duplicates,
                 &m.retried,
                 &m.dead_lettered,
+                &m.parked,
                 &m.abandoned,
                 &m.write_errors,
                 &m.mysql_requeues,
@@ -334,15 +355,22 @@ impl Metrics {
                 let _ = f.get_or_create(&l);
             }
         }
+        let _ = m
+            .superseded
+            .get_or_create(&Metrics::queue("update_messages"));
+        let _ = m
+            .parked
+            .get_or_create(&Metrics::queue(crate::amqp::INDEX_QUEUE));
         Metrics { registry: r, ..m }
     }
 
-    /// The per-queue label of `queue` (a work queue name); other names are
-    /// reported as `other`.
+    /// The per-queue label of `queue` (a work queue, or the index queue);
+    /// other names are reported as `other`.
     pub fn queue(queue: &str) -> QueueLabel {
         let queue = crate::amqp::WORK_QUEUES
             .iter()
             .copied()
+            .chain([crate::amqp::INDEX_QUEUE])
             .find(|q| *q == queue)
             .unwrap_or("other");
         QueueLabel { queue }
@@ -460,7 +488,11 @@ mod tests {
             )),
             "{text}"
         );
-        assert_eq!(Metrics::queue("chat_writer.index").queue, "other");
+        assert_eq!(
+            Metrics::queue("chat_writer.index").queue,
+            "chat_writer.index"
+        );
+        assert_eq!(Metrics::queue("create_messages.dlq").queue, "other");
         assert_eq!(readiness(), Err("rabbitmq: not connected"));
         m.set_up(Dependency::rabbitmq, true);
         assert_eq!(readiness(), Err("rabbitmq: not consuming"));

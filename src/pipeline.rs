@@ -2,28 +2,46 @@
 //! mark, ack.
 //!
 //! For one batch of deliveries from one queue:
-//! 1. decode every payload (malformed ones are set aside with the reason);
+//! 1. decode every payload (malformed ones are set aside with the reason),
+//!    give each edit its version (`edit_order`), and set aside the
+//!    deliveries the broker had returned before (`x-delivery-count` >= 1)
+//!    to be parked;
 //! 2. write the valid ones to MySQL in one transaction, retrying in place
 //!    with backoff on infrastructure faults (never acking, never
 //!    dead-lettering for them);
 //! 3. publish, with confirms: malformed and refused messages to
 //!    `<queue>.dlq`; messages whose parent or row is missing to the next
 //!    delay tier `<queue>.retry.<delay>` (or the `.dlq` after the last);
-//!    the batch's documents as one message to the index queue (several if
-//!    over 4 MiB);
+//!    parked deliveries to their own queue as fresh copies; the batch's
+//!    documents as one message to the index queue (several if over 4 MiB);
 //! 4. hand the change markers to the Redis flusher;
 //! 5. ack the batch with one `multiple` ack.
 //!
 //! Steps 3–5 of one batch overlap steps 1–2 of the next (see [`run`]). If
 //! shutdown comes while step 2 is still retrying, the batch is left unacked
 //! and returns to the queue when the channel closes.
+//!
+//! Parking. A quorum queue counts how often it returned a message to the
+//! queue (a channel or connection closed with it unacked, a consumer
+//! cancelled) and drops it, or dead-letters it only where a dead-letter
+//! exchange is set, once the count passes the queue's delivery limit
+//! (RabbitMQ 4 sets 20 on every quorum queue). The writer cannot see the
+//! limit (a policy may set it), so it never lets a count grow: it never
+//! returns a delivery itself (a consumer that gives its deliveries back
+//! republishes them), and a delivery that arrives with an
+//! `x-delivery-count` of 1 or more is not processed but *parked*: republished to its own queue,
+//! confirmed, without the broker's count headers (a fresh message, count
+//! 0) and acked. Every copy of an edit carries its version, so parking
+//! never changes which edit wins.
 
 use crate::amqp::consumer::BatchConsumer;
 use crate::amqp::republish::{
-    failure_properties, headers_of, persistent, retry_count, Outgoing, Republisher,
+    delivery_count, failure_properties, headers_of, park_properties, persistent, retry_count,
+    with_header, Outgoing, Republisher,
 };
 use crate::amqp::{dead_letter_queue, retry_queue, INDEX_QUEUE};
 use crate::backoff::Backoff;
+use crate::edit_order::{edit_version, EDIT_VERSION_HEADER, STAMPS};
 use crate::elasticsearch::encoder::encode_bodies;
 use crate::metrics::{self, Dependency, Metrics};
 use crate::mysql::{classify, MessageRow, Outcome, Store};
@@ -88,7 +106,8 @@ pub async fn run(ctx: &Context, mut consumer: BatchConsumer) -> Result<(), Strin
             m.batch_size
                 .get_or_create(&label)
                 .observe(batch.len() as f64);
-            match write_batch(ctx, queue, &batch).await {
+            let versions = edit_versions(queue, &batch);
+            match write_batch(ctx, queue, &batch, &versions).await {
                 Ok(written) => Ok::<_, String>(Step::Written(batch, written)),
                 Err(Unwritten::Shutdown) => {
                     log::info!(
@@ -97,7 +116,7 @@ pub async fn run(ctx: &Context, mut consumer: BatchConsumer) -> Result<(), Strin
                     );
                     Ok(Step::Stop)
                 }
-                Err(Unwritten::Requeue) => Ok(Step::Requeue(batch)),
+                Err(Unwritten::Requeue) => Ok(Step::GiveBack(batch, versions)),
             }
         };
         let (next, settled) = match settling.take() {
@@ -108,17 +127,10 @@ pub async fn run(ctx: &Context, mut consumer: BatchConsumer) -> Result<(), Strin
         let (batch, written) = match next? {
             Step::Written(batch, written) => (batch, written),
             Step::Stop => return Ok(()),
-            Step::Requeue(batch) => {
+            Step::GiveBack(batch, versions) => {
                 // The previous batch is settled: every unacked delivery on
                 // this channel is this batch's or not yet taken.
-                let taken = batch.len();
-                let requeued = requeue_all(ctx, &mut consumer, batch).await;
-                in_hand.settled(taken);
-                metrics::get()
-                    .abandoned
-                    .get_or_create(&Metrics::queue(queue))
-                    .inc_by(taken as u64);
-                let paused = requeued?;
+                let paused = give_back(ctx, &mut consumer, batch, &versions, in_hand).await?;
                 if resume_when_mysql_answers(ctx, &mut consumer, paused).await? {
                     continue;
                 }
@@ -139,33 +151,116 @@ enum Step {
     Written(Vec<Delivery>, Written),
     /// Shutdown: stop taking batches.
     Stop,
-    /// MySQL kept failing: give the batch back ([`requeue_all`]).
-    Requeue(Vec<Delivery>),
+    /// MySQL kept failing: give the batch back ([`give_back`]), with the
+    /// versions of its edits.
+    GiveBack(Vec<Delivery>, Vec<Result<Micros, Malformed>>),
+}
+
+/// The version of every edit of `batch` (`edit_order`): empty for the
+/// create queues. Stamped in delivery order.
+fn edit_versions(queue: &str, batch: &[Delivery]) -> Vec<Result<Micros, Malformed>> {
+    if queue != UPDATE_QUEUE {
+        return Vec::new();
+    }
+    let now = now_micros();
+    batch
+        .iter()
+        .map(|d| edit_version(&d.properties, STAMPS.next(now)))
+        .collect()
+}
+
+/// The work queue of edits.
+const UPDATE_QUEUE: &str = "update_messages";
+
+/// True when the broker returned `d` to its queue before: it is parked,
+/// not processed (see the module documentation).
+fn returned_before(d: &Delivery) -> bool {
+    delivery_count(&d.properties) >= 1
+}
+
+/// The properties of a parked copy of `d`: its own, less the broker's
+/// count headers, plus its edit version when it has one.
+fn parked_copy<'a>(queue: &str, d: &'a Delivery, version: Option<Micros>) -> Outgoing<'a> {
+    let extra: Vec<(&str, AMQPValue)> = version
+        .map(|v| (EDIT_VERSION_HEADER, AMQPValue::LongLongInt(v)))
+        .into_iter()
+        .collect();
+    Outgoing {
+        queue: queue.to_string(),
+        data: &d.data,
+        properties: park_properties(&d.properties, &extra),
+    }
 }
 
 /// Gives `batch` and every delivery the consumer holds back to the queue
 /// and stops consuming, so replicas that can reach MySQL take them
-/// (CONTRACT section 6: never acked, never dead-lettered;
-/// MYSQL_REQUEUE_AFTER). [`resume_when_mysql_answers`] follows.
+/// (CONTRACT section 6: never acked before stored, never dead-lettered;
+/// MYSQL_REQUEUE_AFTER): cancels the consumer, parks every delivery it
+/// holds (republished to the queue, confirmed, with its edit version; never
+/// `basic.nack` with requeue, which a quorum queue counts against its
+/// delivery limit) and acks them. [`resume_when_mysql_answers`] follows.
 ///
 /// Returns the pause, counted in `consumers_paused` until it is dropped
 /// (by [`resume_when_mysql_answers`], or with the task when a reconnect or
 /// shutdown cancels it). Errors: the channel failed (the caller
 /// reconnects; the deliveries return to the queue with the channel).
-async fn requeue_all(
+async fn give_back(
     ctx: &Context,
     consumer: &mut BatchConsumer,
     batch: Vec<Delivery>,
+    versions: &[Result<Micros, Malformed>],
+    in_hand: &InHand,
 ) -> Result<Paused, String> {
+    let queue = consumer.queue().to_string();
     let m = metrics::get();
-    m.mysql_requeues
-        .get_or_create(&Metrics::queue(consumer.queue()))
-        .inc();
-    let n = consumer.requeue_all_and_pause(batch).await?;
+    let label = Metrics::queue(&queue);
+    m.mysql_requeues.get_or_create(&label).inc();
+    let taken = batch.len();
+    // The versions of the batch's edits, by delivery tag; deliveries
+    // received but not taken yet are stamped now, after them.
+    let known: std::collections::HashMap<u64, Micros> = batch
+        .iter()
+        .zip(versions)
+        .filter_map(|(d, v)| Some((d.delivery_tag, *v.as_ref().ok()?)))
+        .collect();
+    let all = match consumer.cancel_and_take_all(batch).await {
+        Ok(all) => all,
+        Err(e) => {
+            // The batch stays unacked and returns with the channel.
+            return Err(e);
+        }
+    };
+    let now = now_micros();
+    let out: Vec<Outgoing<'_>> = all
+        .iter()
+        .map(|d| {
+            let version = if queue == UPDATE_QUEUE {
+                known
+                    .get(&d.delivery_tag)
+                    .copied()
+                    .or_else(|| edit_version(&d.properties, STAMPS.next(now)).ok())
+            } else {
+                None
+            };
+            parked_copy(&queue, d, version)
+        })
+        .collect();
+    if !out.is_empty() {
+        ctx.republisher.publish_all(&out).await?;
+    }
+    if let Some(last) = all.last() {
+        consumer.ack_through(last).await?;
+    }
+    in_hand.settled(taken);
+    // Deliveries received but not yet taken count as received here.
+    m.received
+        .get_or_create(&label)
+        .inc_by(all.len().saturating_sub(taken) as u64);
+    m.parked.get_or_create(&label).inc_by(all.len() as u64);
     log::warn!(
-        "mysql: queue={} writes failing for at least {} s; gave {n} deliveries back to the queue; consuming again when MySQL answers",
-        consumer.queue(),
-        ctx.mysql_requeue_after.as_secs_f64()
+        "mysql: queue={queue} writes failing for at least {} s; gave {} deliveries back to the queue (parked); consuming again when MySQL answers",
+        ctx.mysql_requeue_after.as_secs_f64(),
+        all.len()
     );
     Ok(Paused::new())
 }
@@ -283,28 +378,52 @@ struct Written {
     fates: Vec<Fate>,
     rows: Vec<MessageRow>,
     markers: Markers,
+    /// The edit version of each delivery (update queue only; `None` for a
+    /// malformed header).
+    versions: Vec<Option<Micros>>,
 }
 
 #[derive(Default)]
 struct Summary {
     stored: usize,
+    superseded: usize,
     retried: usize,
     dead_lettered: usize,
+    parked: usize,
 }
 
 /// Where a delivery goes after the write.
 enum Fate {
     Stored,
+    /// An edit older than the one its row holds: success, nothing written.
+    Superseded,
     Missing(&'static str),
     DeadLetter(String),
+    /// Returned by the broker before: republished as a fresh copy.
+    Parked,
 }
 
-async fn write_batch(ctx: &Context, queue: &str, batch: &[Delivery]) -> Result<Written, Unwritten> {
+async fn write_batch(
+    ctx: &Context,
+    queue: &str,
+    batch: &[Delivery],
+    versions: &[Result<Micros, Malformed>],
+) -> Result<Written, Unwritten> {
     let started = Instant::now();
     let now = now_micros();
     let mut fates: Vec<Fate> = Vec::with_capacity(batch.len());
     let mut markers = Markers::default();
     let mut rows: Vec<MessageRow> = Vec::new();
+    // Decoded payloads; a valid one the broker returned before is parked.
+    fn usable<T>(r: &Result<T, Malformed>, d: &Delivery) -> bool {
+        r.is_ok() && !returned_before(d)
+    }
+    fn unusable<T>(r: &Result<T, Malformed>) -> Fate {
+        match r {
+            Err(m) => Fate::DeadLetter(m.0.clone()),
+            Ok(_) => Fate::Parked,
+        }
+    }
     match queue {
         "create_chats" => {
             let decoded: Vec<Result<(CreateChat, Micros), Malformed>> = batch
@@ -313,15 +432,16 @@ async fn write_batch(ctx: &Context, queue: &str, batch: &[Delivery]) -> Result<W
                 .collect();
             let valid: Vec<(&CreateChat, Micros)> = decoded
                 .iter()
-                .filter_map(|r| r.as_ref().ok())
+                .zip(batch)
+                .filter(|(r, d)| usable(r, d))
+                .filter_map(|(r, _)| r.as_ref().ok())
                 .map(|(c, t)| (c, *t))
                 .collect();
             let outcomes = retry_in_place(ctx, queue, || ctx.store.create_chats(&valid)).await?;
             let mut outcomes = outcomes.into_iter();
-            for r in &decoded {
+            for (r, d) in decoded.iter().zip(batch) {
                 fates.push(match r {
-                    Err(m) => Fate::DeadLetter(m.0.clone()),
-                    Ok((c, _)) => {
+                    Ok((c, _)) if usable(r, d) => {
                         let o = outcomes
                             .next()
                             .expect("the store returns one outcome per valid payload");
@@ -331,6 +451,7 @@ async fn write_batch(ctx: &Context, queue: &str, batch: &[Delivery]) -> Result<W
                         }
                         fate(o, "application")
                     }
+                    _ => unusable(r),
                 });
             }
         }
@@ -341,7 +462,9 @@ async fn write_batch(ctx: &Context, queue: &str, batch: &[Delivery]) -> Result<W
                 .collect();
             let valid: Vec<(&CreateMessage, Micros)> = decoded
                 .iter()
-                .filter_map(|r| r.as_ref().ok())
+                .zip(batch)
+                .filter(|(r, d)| usable(r, d))
+                .filter_map(|(r, _)| r.as_ref().ok())
                 .map(|(m, t)| (m, *t))
                 .collect();
             let (outcomes, got) = retry_in_place(ctx, queue, || {
@@ -350,10 +473,9 @@ async fn write_batch(ctx: &Context, queue: &str, batch: &[Delivery]) -> Result<W
             .await?;
             rows = got;
             let mut outcomes = outcomes.into_iter();
-            for r in &decoded {
+            for (r, d) in decoded.iter().zip(batch) {
                 fates.push(match r {
-                    Err(m) => Fate::DeadLetter(m.0.clone()),
-                    Ok((m, _)) => {
+                    Ok((m, _)) if usable(r, d) => {
                         let o = outcomes
                             .next()
                             .expect("the store returns one outcome per valid payload");
@@ -364,31 +486,41 @@ async fn write_batch(ctx: &Context, queue: &str, batch: &[Delivery]) -> Result<W
                         }
                         fate(o, "chat")
                     }
+                    _ => unusable(r),
                 });
             }
         }
         _ => {
-            let decoded: Vec<Result<UpdateMessage, Malformed>> = batch
+            let decoded: Vec<Result<(UpdateMessage, Micros), Malformed>> = batch
                 .iter()
-                .map(|d| UpdateMessage::decode(&d.data))
+                .zip(versions)
+                .map(|(d, v)| {
+                    let u = UpdateMessage::decode(&d.data)?;
+                    Ok((u, v.clone()?))
+                })
                 .collect();
-            let valid: Vec<&UpdateMessage> =
-                decoded.iter().filter_map(|r| r.as_ref().ok()).collect();
+            let valid: Vec<(&UpdateMessage, Micros)> = decoded
+                .iter()
+                .zip(batch)
+                .filter(|(r, d)| usable(r, d))
+                .filter_map(|(r, _)| r.as_ref().ok())
+                .map(|(u, v)| (u, *v))
+                .collect();
             let (outcomes, got) =
                 retry_in_place(ctx, queue, || ctx.store.update_messages(&valid)).await?;
             if ctx.indexing {
                 rows = got;
             }
             let mut outcomes = outcomes.into_iter();
-            for r in &decoded {
+            for (r, d) in decoded.iter().zip(batch) {
                 fates.push(match r {
-                    Err(m) => Fate::DeadLetter(m.0.clone()),
-                    Ok(_) => fate(
+                    Ok(_) if usable(r, d) => fate(
                         outcomes
                             .next()
                             .expect("the store returns one outcome per valid payload"),
                         "message",
                     ),
+                    _ => unusable(r),
                 });
             }
         }
@@ -401,6 +533,7 @@ async fn write_batch(ctx: &Context, queue: &str, batch: &[Delivery]) -> Result<W
         fates,
         rows,
         markers,
+        versions: versions.iter().map(|v| v.as_ref().ok().copied()).collect(),
     })
 }
 
@@ -423,14 +556,26 @@ async fn settle(
         fates,
         rows,
         markers,
+        versions,
     } = w;
     // Republish what is not stored, and the documents, with confirms.
     let now_secs = now / 1_000_000;
     let mut summary = Summary::default();
     let mut out: Vec<Outgoing<'_>> = Vec::new();
-    for (d, f) in batch.iter().zip(&fates) {
+    for (i, (d, f)) in batch.iter().zip(&fates).enumerate() {
+        // Every copy of an edit carries its version (`edit_order`).
+        let version = versions.get(i).copied().flatten();
+        let versioned = |p: lapin::BasicProperties| match version {
+            Some(v) => with_header(p, EDIT_VERSION_HEADER, AMQPValue::LongLongInt(v)),
+            None => p,
+        };
         match f {
             Fate::Stored => summary.stored += 1,
+            Fate::Superseded => summary.superseded += 1,
+            Fate::Parked => {
+                summary.parked += 1;
+                out.push(parked_copy(queue, d, version));
+            }
             Fate::DeadLetter(reason) => {
                 summary.dead_lettered += 1;
                 let count = retry_count(&d.properties);
@@ -441,7 +586,13 @@ async fn settle(
                 out.push(Outgoing {
                     queue: dead_letter_queue(queue),
                     data: &d.data,
-                    properties: failure_properties(&d.properties, queue, reason, count, now_secs),
+                    properties: versioned(failure_properties(
+                        &d.properties,
+                        queue,
+                        reason,
+                        count,
+                        now_secs,
+                    )),
                 });
             }
             Fate::Missing(what) => {
@@ -471,7 +622,13 @@ async fn settle(
                 out.push(Outgoing {
                     queue: target,
                     data: &d.data,
-                    properties: failure_properties(&d.properties, queue, &reason, count, now_secs),
+                    properties: versioned(failure_properties(
+                        &d.properties,
+                        queue,
+                        &reason,
+                        count,
+                        now_secs,
+                    )),
                 });
             }
         }
@@ -515,12 +672,20 @@ async fn settle(
         .map_err(|e| format!("ack on {queue}: {e}"))?;
     in_hand.settled(batch.len());
     record(queue, &batch, &summary, now, write_time);
+    if summary.parked > 0 {
+        log::info!(
+            "queue={queue}: parked {} deliveries the broker had returned before (x-delivery-count >= 1) as fresh copies",
+            summary.parked
+        );
+    }
     log::debug!(
-        "batch queue={queue} size={} stored={} retried={} dead_lettered={} first_tag={} last_tag={} write_us={} publish_us={} duration_us={}",
+        "batch queue={queue} size={} stored={} superseded={} retried={} dead_lettered={} parked={} first_tag={} last_tag={} write_us={} publish_us={} duration_us={}",
         batch.len(),
         summary.stored,
+        summary.superseded,
         summary.retried,
         summary.dead_lettered,
+        summary.parked,
         first.delivery_tag,
         last.delivery_tag,
         write_time.as_micros(),
@@ -535,7 +700,17 @@ async fn settle(
 fn record(queue: &str, batch: &[Delivery], summary: &Summary, now: Micros, write_time: Duration) {
     let m = metrics::get();
     let label = Metrics::queue(queue);
-    m.stored.get_or_create(&label).inc_by(summary.stored as u64);
+    m.stored
+        .get_or_create(&label)
+        .inc_by((summary.stored + summary.superseded) as u64);
+    if summary.superseded > 0 {
+        m.superseded
+            .get_or_create(&label)
+            .inc_by(summary.superseded as u64);
+    }
+    if summary.parked > 0 {
+        m.parked.get_or_create(&label).inc_by(summary.parked as u64);
+    }
     m.retried
         .get_or_create(&label)
         .inc_by(summary.retried as u64);
@@ -560,6 +735,7 @@ fn at(d: &Delivery, now: Micros) -> Micros {
 fn fate(o: Outcome, parent: &'static str) -> Fate {
     match o {
         Outcome::Stored => Fate::Stored,
+        Outcome::Superseded => Fate::Superseded,
         Outcome::ParentMissing => Fate::Missing(parent),
         Outcome::RowMissing => Fate::Missing("message"),
         Outcome::Rejected(reason) => Fate::DeadLetter(reason),

@@ -15,8 +15,7 @@
 use crate::shutdown::Shutdown;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-    QueueDeclareOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
@@ -138,40 +137,31 @@ impl BatchConsumer {
         Ok(())
     }
 
-    /// Gives every delivery of this consumer back to the queue and stops
-    /// consuming, for a writer that cannot store them (MySQL unreachable
-    /// for MYSQL_REQUEUE_AFTER; CONTRACT section 6: never acked, never
-    /// dead-lettered): cancels the consumer (`basic.cancel`, waiting for
-    /// `cancel-ok`), then one `basic.nack` with `multiple` and `requeue`
-    /// through the highest tag held, so `held` (a batch taken and not
-    /// acked) and every delivery received but not yet taken return to the
-    /// queue, where other consumers get them. Every earlier batch must be
-    /// settled first (acks are in order on this channel).
-    /// [`BatchConsumer::resume`] consumes again.
+    /// Stops consuming and hands out every delivery this consumer holds,
+    /// for a writer that cannot store them (MySQL unreachable for
+    /// MYSQL_REQUEUE_AFTER): cancels the consumer (`basic.cancel`, waiting
+    /// for `cancel-ok`) and returns `held` (a batch taken and not acked)
+    /// followed by every delivery received but not yet taken, in delivery
+    /// order, all still unacked. The caller parks them (republishes each to
+    /// its queue, confirmed) and acks them with one `multiple` ack of the
+    /// last, so other consumers get them; never `basic.nack` with requeue,
+    /// which a quorum queue counts against its delivery limit. Every
+    /// earlier batch must be settled first (acks are in order on this
+    /// channel). [`BatchConsumer::resume`] consumes again.
     ///
-    /// Returns how many deliveries were given back. Errors: the channel is
-    /// gone (the caller reconnects; the deliveries return anyway).
-    pub async fn requeue_all_and_pause(&mut self, held: Vec<Delivery>) -> Result<usize, String> {
+    /// Errors: the channel is gone (the caller reconnects; the deliveries
+    /// return to the queue with the channel).
+    pub async fn cancel_and_take_all(
+        &mut self,
+        mut held: Vec<Delivery>,
+    ) -> Result<Vec<Delivery>, String> {
         self.cancel_and_carry().await?;
-        let last = held
-            .iter()
-            .chain(self.carried.iter())
-            .max_by_key(|d| d.delivery_tag);
-        let n = held.len() + self.carried.len();
-        if let Some(last) = last {
-            last.acker
-                .nack(BasicNackOptions {
-                    multiple: true,
-                    requeue: true,
-                })
-                .await
-                .map_err(|e| format!("basic.nack on {}: {e}", self.queue))?;
-        }
-        self.carried.clear();
-        Ok(n)
+        held.extend(self.carried.drain(..));
+        held.sort_by_key(|d| d.delivery_tag);
+        Ok(held)
     }
 
-    /// Consumes again after [`BatchConsumer::requeue_all_and_pause`], with
+    /// Consumes again after [`BatchConsumer::cancel_and_take_all`], with
     /// the same prefetch. Errors: the channel is gone.
     pub async fn resume(&mut self) -> Result<(), String> {
         self.consume_again().await

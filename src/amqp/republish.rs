@@ -78,6 +78,55 @@ impl Republisher {
     }
 }
 
+/// Headers the broker adds to a delivery of a quorum queue: how often it
+/// was returned or acquired before (RabbitMQ 3.10+; `x-acquired-count`
+/// from 4.3). A copy the writer publishes is a new message: it must not
+/// carry them, or it would look returned already.
+pub const BROKER_COUNT_HEADERS: [&str; 2] = ["x-delivery-count", "x-acquired-count"];
+
+/// `x-delivery-count` of a delivery: how many times a quorum queue had
+/// returned it before this delivery, the count its delivery limit is
+/// checked against (0 when absent: a classic queue, or a first delivery).
+pub fn delivery_count(props: &BasicProperties) -> i64 {
+    header(props, "x-delivery-count")
+        .and_then(as_i64)
+        .unwrap_or(0)
+}
+
+/// The properties of a parked copy of a delivery (see
+/// `pipeline`, parking): every original property and header, without the
+/// [`BROKER_COUNT_HEADERS`], plus `extra` headers.
+pub fn park_properties(original: &BasicProperties, extra: &[(&str, AMQPValue)]) -> BasicProperties {
+    let mut headers = original.headers().clone().unwrap_or_default();
+    strip_broker_counts(&mut headers);
+    for (k, v) in extra {
+        headers.insert((*k).into(), v.clone());
+    }
+    original.clone().with_headers(headers)
+}
+
+/// `p` with the header `name` set to `value`.
+pub fn with_header(p: BasicProperties, name: &str, value: AMQPValue) -> BasicProperties {
+    let mut headers = p.headers().clone().unwrap_or_default();
+    headers.insert(name.into(), value);
+    p.with_headers(headers)
+}
+
+fn strip_broker_counts(headers: &mut FieldTable) {
+    if BROKER_COUNT_HEADERS
+        .iter()
+        .any(|h| headers.inner().contains_key(*h))
+    {
+        let mut kept = FieldTable::default();
+        for (k, v) in headers.inner() {
+            if !BROKER_COUNT_HEADERS.contains(&k.as_str()) {
+                kept.insert(k.clone(), v.clone());
+            }
+        }
+        *headers = kept;
+    }
+}
+
 /// `x-retry-count` of a delivery (0 when absent or not an integer).
 pub fn retry_count(props: &BasicProperties) -> i64 {
     header(props, "x-retry-count").and_then(as_i64).unwrap_or(0)
@@ -102,7 +151,8 @@ fn as_i64(v: &AMQPValue) -> Option<i64> {
 }
 
 /// The properties of a retried or dead-lettered copy of a delivery from
-/// `queue`: the original properties and headers, plus the failure headers.
+/// `queue`: the original properties and headers (less the
+/// [`BROKER_COUNT_HEADERS`]), plus the failure headers.
 /// `x-first-failure` (unix seconds) is kept from an earlier failure. The one
 /// property not kept is `expiration` (moved to `x-original-expiration`), so
 /// a dead letter never expires out of its `.dlq`.
@@ -114,6 +164,7 @@ pub fn failure_properties(
     now_secs: i64,
 ) -> BasicProperties {
     let mut headers = original.headers().clone().unwrap_or_default();
+    strip_broker_counts(&mut headers);
     let first = header(original, "x-first-failure")
         .and_then(as_i64)
         .unwrap_or(now_secs);
@@ -195,6 +246,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_parked_copy_keeps_everything_but_the_broker_counts() {
+        let orig = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_timestamp(42)
+            .with_expiration("60000".into())
+            .with_headers(headers_of(&[
+                ("x-delivery-count", AMQPValue::LongLongInt(1)),
+                ("x-retry-count", AMQPValue::LongLongInt(2)),
+                ("trace", AMQPValue::LongString("abc".into())),
+            ]));
+        let p = park_properties(&orig, &[("x-edit-version", AMQPValue::LongLongInt(9))]);
+        assert_eq!(delivery_count(&p), 0);
+        assert_eq!(retry_count(&p), 2, "delay-tier progress is kept");
+        assert_eq!((*p.timestamp(), *p.delivery_mode()), (Some(42), Some(2)));
+        assert_eq!(p.expiration().as_ref().map(|e| e.as_str()), Some("60000"));
+        let h = p.headers().as_ref().unwrap().inner();
+        assert_eq!(h.len(), 3, "{h:?}");
+        assert_eq!(h.get("x-edit-version"), Some(&AMQPValue::LongLongInt(9)));
+        assert_eq!(h.get("trace"), Some(&AMQPValue::LongString("abc".into())));
+        let plain = park_properties(&BasicProperties::default(), &[]);
+        assert_eq!(delivery_count(&plain), 0);
+        assert_eq!(delivery_count(&BasicProperties::default()), 0);
+    }
+
+    #[test]
     fn failure_headers_keep_the_original_ones() {
         let orig = BasicProperties::default()
             .with_content_type("application/json".into())
@@ -240,6 +317,16 @@ mod tests {
             h.get("x-original-expiration"),
             Some(&AMQPValue::LongString("4000".into()))
         );
+        let returned = BasicProperties::default().with_headers(headers_of(&[
+            ("x-delivery-count", AMQPValue::LongLongInt(2)),
+            ("x-acquired-count", AMQPValue::LongLongInt(3)),
+            ("trace", AMQPValue::LongString("abc".into())),
+        ]));
+        assert_eq!(delivery_count(&returned), 2);
+        let h = failure_properties(&returned, "q", "bad", 1, 7);
+        let h = h.headers().as_ref().unwrap().inner();
+        assert!(!h.contains_key("x-delivery-count") && !h.contains_key("x-acquired-count"));
+        assert_eq!(h.get("trace"), Some(&AMQPValue::LongString("abc".into())));
         let fresh = failure_properties(&BasicProperties::default(), "q", "bad", 0, 7);
         assert_eq!(retry_count(&fresh), 0);
         let h = fresh.headers().as_ref().unwrap().inner();

@@ -18,7 +18,9 @@ use super::retry::{BulkVerdict, ItemVerdict};
 use super::watch::IndexWatch;
 use super::{backfill, Client};
 use crate::amqp::consumer::{BatchConsumer, Next};
-use crate::amqp::republish::{failure_properties, Outgoing, Republisher};
+use crate::amqp::republish::{
+    delivery_count, failure_properties, park_properties, Outgoing, Republisher,
+};
 use crate::amqp::{dead_letter_queue, INDEX_QUEUE};
 use crate::backoff::Backoff;
 use crate::metrics::{self, Dependency};
@@ -279,9 +281,35 @@ pub async fn run(
         if watch.due(CHECK_BEFORE_BULK) {
             check_index(&client, &mut watch, &republisher, &shutdown).await?;
         }
+        // Index messages a quorum queue returned before are parked, like
+        // work-queue deliveries (`pipeline`): republished as fresh copies
+        // (confirmed) and acked with the batch, not indexed here.
+        let returned: Vec<Outgoing<'_>> = batch
+            .iter()
+            .filter(|d| delivery_count(&d.properties) >= 1)
+            .map(|d| Outgoing {
+                queue: INDEX_QUEUE.to_string(),
+                data: &d.data,
+                properties: park_properties(&d.properties, &[]),
+            })
+            .collect();
+        if !returned.is_empty() {
+            republisher.publish_all(&returned).await?;
+            metrics::get()
+                .parked
+                .get_or_create(&metrics::Metrics::queue(INDEX_QUEUE))
+                .inc_by(returned.len() as u64);
+            log::info!(
+                "index queue: parked {} messages the broker had returned before (x-delivery-count >= 1) as fresh copies",
+                returned.len()
+            );
+        }
         let mut docs: Vec<&[u8]> = Vec::new();
         let mut owner: Vec<usize> = Vec::new();
         for (i, d) in batch.iter().enumerate() {
+            if delivery_count(&d.properties) >= 1 {
+                continue;
+            }
             for r in split_documents(&d.data) {
                 docs.push(&d.data[r]);
                 owner.push(i);

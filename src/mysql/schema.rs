@@ -1,7 +1,8 @@
 //! `chat-writer migrate`: the CONTRACT section 4 schema.
 //!
-//! Creates the database if missing, then each table if missing. Every
-//! statement is `IF NOT EXISTS`, so running it twice is harmless. InnoDB,
+//! Creates the database if missing, then each table if missing, then the
+//! columns added since a table was first created. Every step checks first,
+//! so running it twice is harmless. InnoDB,
 //! utf8mb4 throughout (case 1 of shared/cases).
 
 use super::sql::push_ident;
@@ -45,13 +46,55 @@ pub const TABLES: &[&str] = &[
         creator_id BIGINT NULL,
         created_at DATETIME(6) NOT NULL,
         updated_at DATETIME(6) NOT NULL,
+        edit_version BIGINT NOT NULL DEFAULT 0,
         UNIQUE KEY index_messages_on_chat_id_and_number (chat_id, number),
         KEY index_messages_on_token_and_chat_number (token, chat_number),
         CONSTRAINT fk_messages_chat_id FOREIGN KEY (chat_id) REFERENCES chats (id)
     ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci",
 ];
 
-/// Creates DATABASE_NAME (if missing) and the three tables (if missing).
+/// Columns added after the first schema, as `(table, column, definition)`:
+/// `migrate` adds each to a table created before it (the table keeps its
+/// rows; existing rows get the column's default). `messages.edit_version`
+/// is the version of the edit a row holds (microseconds since the epoch, 0
+/// for a row as created): an older edit never overwrites a newer one.
+pub const ADDED_COLUMNS: &[(&str, &str, &str)] =
+    &[("messages", "edit_version", "BIGINT NOT NULL DEFAULT 0")];
+
+/// Adds `column` to `table` unless `information_schema` lists it already
+/// (`ADD COLUMN IF NOT EXISTS` is MariaDB only). The column goes last, so
+/// MySQL 8 adds it in place (`ALGORITHM=INSTANT`) and MariaDB without a
+/// table copy.
+async fn add_column_if_missing(
+    conn: &mut Conn,
+    db: &str,
+    table: &str,
+    column: &str,
+    definition: &str,
+) -> Result<(), mysql_async::Error> {
+    let present: Option<u8> = conn
+        .exec_first(
+            "SELECT 1 FROM information_schema.COLUMNS \
+             WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? AND COLUMN_NAME = ?",
+            (db, table, column),
+        )
+        .await?;
+    if present.is_some() {
+        return Ok(());
+    }
+    let mut q = String::from("ALTER TABLE ");
+    push_ident(&mut q, table);
+    q.push_str(" ADD COLUMN ");
+    push_ident(&mut q, column);
+    q.push(' ');
+    q.push_str(definition);
+    conn.query_drop(q).await?;
+    log::info!("migrate: added column {table}.{column} ({definition})");
+    Ok(())
+}
+
+/// Creates DATABASE_NAME (if missing) and the three tables (if missing),
+/// then adds the [`ADDED_COLUMNS`] a table created earlier lacks.
 ///
 /// Errors: any MySQL error, unclassified (the caller exits 1).
 pub async fn migrate(cfg: &Config) -> Result<(), mysql_async::Error> {
@@ -66,6 +109,9 @@ pub async fn migrate(cfg: &Config) -> Result<(), mysql_async::Error> {
         conn.query_drop(use_db).await?;
         for t in TABLES {
             conn.query_drop(*t).await?;
+        }
+        for (table, column, definition) in ADDED_COLUMNS {
+            add_column_if_missing(&mut conn, &cfg.database_name, table, column, definition).await?;
         }
         conn.disconnect().await
     })

@@ -29,6 +29,9 @@ pub enum Outcome {
     ParentMissing,
     /// An update whose message row does not exist yet.
     RowMissing,
+    /// An update older (by edit version) than the edit its row holds:
+    /// success, nothing written.
+    Superseded,
     /// The database refused a value of this message; the reason is one line.
     Rejected(String),
 }
@@ -417,33 +420,45 @@ impl Store {
         Ok((inserted.outcomes, rows))
     }
 
-    /// Applies a batch of updates: body and `updated_at` of the row
-    /// `(chat_id, number)`. `updated_at` becomes
+    /// Applies a batch of updates, each `(payload, edit version)`: body,
+    /// `edit_version` and `updated_at` of the row `(chat_id, number)`, if
+    /// the edit's version is at least the row's `edit_version` (an older
+    /// edit never overwrites a newer one; on a tie the later processed
+    /// wins; see `edit_order`). `updated_at` becomes
     /// `GREATEST(UTC_TIMESTAMP(6), updated_at + 1 µs)`, so it strictly
-    /// increases on every applied update, identical body or not (case 2).
-    /// Several updates of one row in a batch: the last delivered wins, the
-    /// earlier ones share its outcome. Returns one [`Outcome`] per input
-    /// (`Stored`, `RowMissing` or `Rejected`) and the changed rows as stored.
+    /// increases on every applied update, identical body or not.
+    /// Several updates of one row in a batch: the highest version wins (on
+    /// a tie the last delivered); the others are `Superseded` when their
+    /// version is lower, else share its outcome. Returns one [`Outcome`]
+    /// per input (`Stored`, `Superseded`, `RowMissing` or `Rejected`) and
+    /// the rows found, as stored after the batch (superseded ones too, so
+    /// their document follows the row).
     ///
     /// Errors: infrastructure faults only.
     pub async fn update_messages(
         &self,
-        items: &[&UpdateMessage],
+        items: &[(&UpdateMessage, Micros)],
     ) -> Result<(Vec<Outcome>, Vec<MessageRow>), mysql_async::Error> {
-        // Last occurrence of each key wins.
-        let mut last: HashMap<(i64, i32), usize> = HashMap::with_capacity(items.len());
-        for (i, u) in items.iter().enumerate() {
-            last.insert((u.chat_id, u.number), i);
+        // The newest of each key wins; on a tie, the last delivered.
+        let mut best: HashMap<(i64, i32), usize> = HashMap::with_capacity(items.len());
+        for (i, (u, v)) in items.iter().enumerate() {
+            best.entry((u.chat_id, u.number))
+                .and_modify(|b| {
+                    if *v >= items[*b].1 {
+                        *b = i;
+                    }
+                })
+                .or_insert(i);
         }
-        let winners: Vec<&UpdateMessage> = items
+        let winners: Vec<(&UpdateMessage, Micros)> = items
             .iter()
             .enumerate()
-            .filter(|(i, u)| last[&(u.chat_id, u.number)] == *i)
-            .map(|(_, u)| *u)
+            .filter(|(i, (u, _))| best[&(u.chat_id, u.number)] == *i)
+            .map(|(_, w)| *w)
             .collect();
         let mut rows = Vec::new();
         let rows_ref = std::cell::RefCell::new(&mut rows);
-        let size = |i: usize| sql_bytes(&[&winners[i].body]);
+        let size = |i: usize| sql_bytes(&[&winners[i].0.body]);
         let winner_outcomes = isolate(winners.len(), size, |r| {
             let rows_ref = &rows_ref;
             let slice = &winners[r];
@@ -454,69 +469,90 @@ impl Store {
             }))
         })
         .await?;
-        let by_key: HashMap<(i64, i32), &Outcome> = winners
+        let by_key: HashMap<(i64, i32), (Micros, &Outcome)> = winners
             .iter()
             .zip(&winner_outcomes)
-            .map(|(u, o)| ((u.chat_id, u.number), o))
+            .map(|((u, v), o)| ((u.chat_id, u.number), (*v, o)))
             .collect();
         let outcomes = items
             .iter()
-            .map(|u| by_key[&(u.chat_id, u.number)].clone())
+            .map(|(u, v)| {
+                let (winner_version, o) = by_key[&(u.chat_id, u.number)];
+                match o {
+                    Outcome::Stored | Outcome::Superseded if *v < winner_version => {
+                        Outcome::Superseded
+                    }
+                    o => o.clone(),
+                }
+            })
             .collect();
         Ok((outcomes, rows))
     }
 
     async fn try_update_messages(
         &self,
-        items: &[&UpdateMessage],
+        items: &[(&UpdateMessage, Micros)],
     ) -> Result<(Vec<Outcome>, Vec<MessageRow>), mysql_async::Error> {
         let mut tx = begin(self).await?;
-        // Lock the rows that exist now. Only these are updated and reported
-        // found: a row created by another transaction after this point is
-        // "missing" for this batch (retried later), never "found but not
-        // updated" (READ COMMITTED would show it to a later SELECT).
-        let mut q =
-            String::from("SELECT chat_id, number FROM messages WHERE (chat_id, number) IN (");
-        push_key_list(&mut q, items.iter().map(|u| (u.chat_id, u.number)));
+        // Lock the rows that exist now, with the version of the edit each
+        // holds. Only these are updated and reported found: a row created
+        // by another transaction after this point is "missing" for this
+        // batch (retried later), never "found but not updated" (READ
+        // COMMITTED would show it to a later SELECT).
+        let mut q = String::from(
+            "SELECT chat_id, number, edit_version FROM messages WHERE (chat_id, number) IN (",
+        );
+        push_key_list(&mut q, items.iter().map(|(u, _)| (u.chat_id, u.number)));
         q.push_str(") FOR UPDATE");
-        let locked: HashSet<(i64, i32)> = tx.query::<(i64, i32), _>(q).await?.into_iter().collect();
-        let found: Vec<&UpdateMessage> = items
-            .iter()
-            .copied()
-            .filter(|u| locked.contains(&(u.chat_id, u.number)))
+        let locked: HashMap<(i64, i32), i64> = tx
+            .query::<(i64, i32, i64), _>(q)
+            .await?
+            .into_iter()
+            .map(|(c, n, v)| ((c, n), v))
             .collect();
-        let mut rows = Vec::new();
-        if !found.is_empty() {
-            let body_bytes: usize = found.iter().map(|u| u.body.len()).sum();
-            let mut q = String::with_capacity(256 + found.len() * 64 + body_bytes * 11 / 10);
+        let outcomes: Vec<Outcome> = items
+            .iter()
+            .map(|(u, v)| match locked.get(&(u.chat_id, u.number)) {
+                None => Outcome::RowMissing,
+                Some(held) if v < held => Outcome::Superseded,
+                Some(_) => Outcome::Stored,
+            })
+            .collect();
+        let apply: Vec<(&UpdateMessage, Micros)> = items
+            .iter()
+            .zip(&outcomes)
+            .filter(|(_, o)| **o == Outcome::Stored)
+            .map(|(w, _)| *w)
+            .collect();
+        if !apply.is_empty() {
+            let body_bytes: usize = apply.iter().map(|(u, _)| u.body.len()).sum();
+            let mut q = String::with_capacity(256 + apply.len() * 80 + body_bytes * 11 / 10);
             q.push_str("UPDATE messages m JOIN (");
-            let values = found.iter().map(|u| {
+            let values = apply.iter().map(|(u, v)| {
                 [
                     Lit::Int(u.chat_id),
                     Lit::Int(i64::from(u.number)),
                     Lit::Str(&u.body),
+                    Lit::Int(*v),
                 ]
             });
-            push_union_table(&mut q, &["chat_id", "number", "body"], values);
+            push_union_table(&mut q, &["chat_id", "number", "body", "ev"], values);
+            // The version check is repeated in SQL (the rows are locked, so
+            // it holds), so that no statement of this shape can ever
+            // overwrite a newer edit.
             q.push_str(
                 ") u ON m.chat_id = u.chat_id AND m.number = u.number \
-                 SET m.body = u.body, \
-                 m.updated_at = GREATEST(UTC_TIMESTAMP(6), m.updated_at + INTERVAL 1 MICROSECOND)",
+                 SET m.body = u.body, m.edit_version = u.ev, \
+                 m.updated_at = GREATEST(UTC_TIMESTAMP(6), m.updated_at + INTERVAL 1 MICROSECOND) \
+                 WHERE u.ev >= m.edit_version",
             );
             tx.query_drop(q).await?;
-            rows = read_back(&mut tx, found.iter().map(|u| (u.chat_id, u.number))).await?;
+        }
+        let mut rows = Vec::new();
+        if !locked.is_empty() {
+            rows = read_back(&mut tx, locked.keys().copied()).await?;
         }
         tx.commit().await?;
-        let outcomes = items
-            .iter()
-            .map(|u| {
-                if locked.contains(&(u.chat_id, u.number)) {
-                    Outcome::Stored
-                } else {
-                    Outcome::RowMissing
-                }
-            })
-            .collect();
         Ok((outcomes, rows))
     }
 

@@ -583,9 +583,9 @@ fn seeded_chat_message(number: i64) -> serde_json::Value {
 /// answers again it consumes again and takes a share.
 ///
 /// Exactly: replica A (MySQL behind a paused proxy) stores nothing,
-/// requeues once, and every delivery it received is counted abandoned
-/// (`received = stored + retried + dead_lettered + abandoned` with
-/// stored = 0); replica B, started after A paused, stores all 200; A's
+/// requeues once, and every delivery it received is counted parked (given
+/// back as a republished copy; `received = stored + retried +
+/// dead_lettered + parked + abandoned` with stored = 0); replica B, started after A paused, stores all 200; A's
 /// `/readyz` is 503 while cut off and 200 after; then 200 more messages
 /// are shared (A stores some); 400 rows, each once; nothing dead-lettered.
 #[test]
@@ -676,8 +676,14 @@ fn a_replica_without_mysql_gives_its_deliveries_to_the_others() {
         let received = got("chat_writer_deliveries_received_total");
         assert!((1.0..=200.0).contains(&received), "{}", m.text);
         assert_eq!(
-            got("chat_writer_deliveries_abandoned_total"),
+            got("chat_writer_deliveries_parked_total"),
             received,
+            "{}",
+            m.text
+        );
+        assert_eq!(
+            got("chat_writer_deliveries_abandoned_total"),
+            0.0,
             "{}",
             m.text
         );

@@ -11,13 +11,16 @@
 //! the body and properties kept and the failure headers removed, so it gets
 //! fresh delay tiers, and only then acked in the `.dlq`.
 
-use super::republish::{Outgoing, Republisher};
+use super::republish::{Outgoing, Republisher, BROKER_COUNT_HEADERS};
 use super::{connect, dead_letter_queue};
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection};
 
-/// Headers the writer sets on a failed message; replay removes them.
+/// Headers the writer sets on a failed message; replay removes them, and
+/// the broker's count headers ([`BROKER_COUNT_HEADERS`]) of a quorum
+/// `.dlq`. An edit keeps its `x-edit-version`, so a replayed old edit
+/// never overwrites a newer one.
 const FAILURE_HEADERS: [&str; 5] = [
     "x-retry-count",
     "x-original-queue",
@@ -210,7 +213,9 @@ fn without_failure(p: &BasicProperties) -> BasicProperties {
     let mut headers = FieldTable::default();
     if let Some(h) = p.headers() {
         for (k, v) in h.inner() {
-            if !FAILURE_HEADERS.contains(&k.as_str()) {
+            if !FAILURE_HEADERS.contains(&k.as_str())
+                && !BROKER_COUNT_HEADERS.contains(&k.as_str())
+            {
                 headers.insert(k.clone(), v.clone());
             }
         }

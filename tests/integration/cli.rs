@@ -196,6 +196,7 @@ async fn assert_schema(env: &TestEnv) {
             ("creator_id", "bigint NULL"),
             ("created_at", "datetime(6) NOT NULL"),
             ("updated_at", "datetime(6) NOT NULL"),
+            ("edit_version", "bigint NOT NULL DEFAULT 0"),
         ]),
         "messages columns"
     );

@@ -223,13 +223,8 @@ async fn give_back(
         .zip(versions)
         .filter_map(|(d, v)| Some((d.delivery_tag, *v.as_ref().ok()?)))
         .collect();
-    let all = match consumer.cancel_and_take_all(batch).await {
-        Ok(all) => all,
-        Err(e) => {
-            // The batch stays unacked and returns with the channel.
-            return Err(e);
-        }
-    };
+    // On an error the batch stays unacked and returns with the channel.
+    let all = consumer.cancel_and_take_all(batch).await?;
     let now = now_micros();
     let out: Vec<Outgoing<'_>> = all
         .iter()

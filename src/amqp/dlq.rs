@@ -213,8 +213,7 @@ fn without_failure(p: &BasicProperties) -> BasicProperties {
     let mut headers = FieldTable::default();
     if let Some(h) = p.headers() {
         for (k, v) in h.inner() {
-            if !FAILURE_HEADERS.contains(&k.as_str())
-                && !BROKER_COUNT_HEADERS.contains(&k.as_str())
+            if !FAILURE_HEADERS.contains(&k.as_str()) && !BROKER_COUNT_HEADERS.contains(&k.as_str())
             {
                 headers.insert(k.clone(), v.clone());
             }

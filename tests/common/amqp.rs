@@ -109,6 +109,21 @@ impl Amqp {
             .unwrap_or_else(|e| panic!("declare {queue}: {e}"));
     }
 
+    /// Declares `queue` as a durable quorum queue; `delivery_limit` sets
+    /// `x-delivery-limit` (a delivery returned more often than that is
+    /// dropped, or dead-lettered when the queue has a dead-letter exchange).
+    pub async fn declare_quorum(&self, queue: &str, delivery_limit: Option<i64>) {
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+        if let Some(limit) = delivery_limit {
+            args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(limit));
+        }
+        self.declare_with_args(queue, args).await;
+    }
+
     /// Declares the three work queues (durable, no arguments).
     pub async fn declare_work_queues(&self) {
         for q in super::WORK_QUEUES {
@@ -172,6 +187,26 @@ impl Amqp {
             .unwrap_or_else(|e| panic!("publish to {queue}: {e}"))
             .await
             .unwrap_or_else(|e| panic!("confirm of publish to {queue}: {e}"));
+    }
+
+    /// Publishes `payload` like [`Amqp::publish`] (persistent,
+    /// `application/json`, optional AMQP `timestamp`) with `headers`, and
+    /// waits for the broker's confirm.
+    pub async fn publish_with_headers(
+        &self,
+        queue: &str,
+        payload: &[u8],
+        timestamp: Option<u64>,
+        headers: FieldTable,
+    ) {
+        let mut props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_headers(headers);
+        if let Some(ts) = timestamp {
+            props = props.with_timestamp(ts);
+        }
+        self.publish_props(queue, payload, props).await
     }
 
     /// Publishes a JSON value.

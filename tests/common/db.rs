@@ -313,6 +313,16 @@ impl Db {
             .next()
     }
 
+    /// `messages.edit_version` of the message `(chat_id, number)`.
+    pub async fn edit_version(&self, chat_id: i64, number: i64) -> Option<i64> {
+        let rows: Vec<i64> = self
+            .query(&format!(
+                "SELECT edit_version FROM messages WHERE chat_id = {chat_id} AND number = {number}"
+            ))
+            .await;
+        rows.into_iter().next()
+    }
+
     pub async fn count(&self, table: &str, where_: &str) -> i64 {
         let rows: Vec<i64> = self
             .query(&format!("SELECT COUNT(*) FROM {table} WHERE {where_}"))

@@ -82,3 +82,54 @@ pub fn scrape(addr: &str) -> Metrics {
         .unwrap_or_else(|e| panic!("parse: {e}\n{text}"));
     Metrics { scrape, text }
 }
+
+/// The per-queue delivery counters of one writer (`queue` label), 0 for a
+/// counter not exposed yet (a labelled counter appears with its first
+/// increment).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct QueueCounters {
+    pub received: u64,
+    pub stored: u64,
+    pub duplicate: u64,
+    pub superseded: u64,
+    pub retried: u64,
+    pub dead_lettered: u64,
+    pub parked: u64,
+    pub abandoned: u64,
+    pub write_errors: u64,
+    pub requeues: u64,
+}
+
+impl QueueCounters {
+    /// Reads them from a scrape.
+    pub fn of(m: &Metrics, queue: &str) -> QueueCounters {
+        let get = |name: &str| {
+            m.value(&format!("chat_writer_{name}"), &[("queue", queue)])
+                .unwrap_or(0.0) as u64
+        };
+        QueueCounters {
+            received: get("deliveries_received_total"),
+            stored: get("deliveries_stored_total"),
+            duplicate: get("deliveries_duplicate_total"),
+            superseded: get("deliveries_superseded_total"),
+            retried: get("deliveries_retried_total"),
+            dead_lettered: get("deliveries_dead_lettered_total"),
+            parked: get("deliveries_parked_total"),
+            abandoned: get("deliveries_abandoned_total"),
+            write_errors: get("mysql_write_errors_total"),
+            requeues: get("mysql_requeues_total"),
+        }
+    }
+
+    /// Scrapes `/metrics` at `addr` and reads them.
+    pub fn scrape(addr: &str, queue: &str) -> QueueCounters {
+        QueueCounters::of(&scrape(addr), queue)
+    }
+
+    /// `received = stored + retried + dead_lettered + parked + abandoned`
+    /// (superseded and duplicate deliveries are inside `stored`).
+    pub fn balanced(&self) -> bool {
+        self.received
+            == self.stored + self.retried + self.dead_lettered + self.parked + self.abandoned
+    }
+}

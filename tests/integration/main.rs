@@ -8,6 +8,8 @@ mod cases;
 mod cli;
 mod consumers;
 mod counts;
+mod delivery_limits;
+mod edits;
 mod es_index;
 mod harness;
 mod metrics;

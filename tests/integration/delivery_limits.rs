@@ -1,0 +1,412 @@
+//! Work queues declared (by the operator, before any writer) as quorum
+//! queues with an `x-delivery-limit` and no dead-letter exchange: the
+//! broker drops a delivery returned more often than the limit. The writer
+//! never lets that happen to valid work: a delivery that arrives with
+//! `x-delivery-count` >= 1 (the broker returned it before) is *parked*,
+//! republished to its own queue as a fresh copy (publisher confirms) and
+//! the original acked; a consumer that cannot reach MySQL for
+//! MYSQL_REQUEUE_AFTER parks what it holds instead of `basic.nack` with
+//! requeue. Nothing is lost, nothing stored twice.
+//!
+//! RabbitMQ 3.10 as measured: every return of a delivery (a consumer's
+//! connection closed with it unacked, a `basic.nack` with requeue) adds one
+//! to its `x-delivery-count` header; with `x-delivery-limit` = L the
+//! (L + 1)-th return drops it.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::common::faults::{close_writer_connections, Proxy};
+use crate::common::load::{
+    body_of, create_message, wait_indexed, wait_rows, Expected, Item, Publisher, T0,
+};
+use crate::common::metrics::QueueCounters;
+use crate::common::{
+    assert_indexed, free_port, wait_for, TestEnv, Writer, APP_ID, CHAT_ID, TOKEN, WORK_QUEUES,
+};
+use crate::consumers::T1;
+
+const POLL: Duration = Duration::from_millis(100);
+
+/// Creates of the seeded chat: numbers 1..=MESSAGES.
+const MESSAGES: i64 = 2_000;
+/// Every EDIT_EVERY-th message is edited once; every second one of those
+/// (number <= MESSAGES - SECOND_EDIT_LAG) a second time, published
+/// SECOND_EDIT_LAG creates later.
+const EDIT_EVERY: i64 = 10;
+const SECOND_EDIT_LAG: i64 = 100;
+/// A chat is created every CHAT_EVERY messages: numbers 2..=21 of the
+/// seeded application (number 1 is seeded).
+const CHAT_EVERY: i64 = 100;
+const REPLICAS: usize = 2;
+
+/// An edit of message `number` of the seeded chat with AMQP timestamp
+/// `ts`: a second edit gets a later second, so it is the newer one however
+/// the two travel (the writer versions an edit within its second).
+fn edit_item(number: i64, body: &str, ts: u64) -> Item {
+    Item {
+        queue: "update_messages",
+        payload: json!({"chat_id": CHAT_ID, "token": TOKEN, "chat_number": 1,
+                        "number": number, "body": body})
+        .to_string()
+        .into_bytes(),
+        timestamp: Some(ts),
+    }
+}
+
+fn chat_item(number: i64) -> Item {
+    Item {
+        queue: "create_chats",
+        payload: json!({"application_id": APP_ID, "token": TOKEN, "number": number})
+            .to_string()
+            .into_bytes(),
+        timestamp: Some(T0),
+    }
+}
+
+/// The workload in publishing order, and what `messages` must hold after.
+fn workload(want: &mut Expected) -> Vec<Item> {
+    let mut items = Vec::new();
+    for n in 1..=MESSAGES {
+        let body = body_of(CHAT_ID, n);
+        items.push(create_message(CHAT_ID, TOKEN, 1, n, &body));
+        want.insert((CHAT_ID, n), body);
+        if n % EDIT_EVERY == 0 {
+            let body = format!("first edit of {n}");
+            items.push(edit_item(n, &body, T0 + 10_000 + n as u64));
+            want.insert((CHAT_ID, n), body);
+        }
+        let m = n - SECOND_EDIT_LAG;
+        if m > 0 && m % (2 * EDIT_EVERY) == 0 {
+            let body = format!("second edit of {m}");
+            items.push(edit_item(m, &body, T0 + 20_000 + m as u64));
+            want.insert((CHAT_ID, m), body);
+        }
+        if n % CHAT_EVERY == 0 {
+            items.push(chat_item(n / CHAT_EVERY + 1));
+        }
+    }
+    items
+}
+
+/// Waits until every work queue has `n` consumers (passive declares).
+async fn wait_consumers(env: &TestEnv, n: u32, timeout: Duration) {
+    let amqp = env.amqp().await;
+    let a = &amqp;
+    wait_for(
+        &format!("{n} consumer(s) on every work queue"),
+        timeout,
+        POLL,
+        move || async move {
+            let mut seen = Vec::new();
+            for q in WORK_QUEUES {
+                seen.push(a.queue_info(q).await.map(|i| i.1));
+            }
+            if seen.iter().all(|c| *c == Some(n)) {
+                Ok(())
+            } else {
+                Err(format!("consumers {seen:?}"))
+            }
+        },
+    )
+    .await;
+    amqp.close().await;
+}
+
+/// Every replica's counters of every work queue.
+fn counters(addrs: &[String]) -> Vec<[QueueCounters; 3]> {
+    addrs
+        .iter()
+        .map(|a| {
+            let m = crate::common::metrics::scrape(a);
+            WORK_QUEUES.map(|q| QueueCounters::of(&m, q))
+        })
+        .collect()
+}
+
+fn total(all: &[[QueueCounters; 3]], f: impl Fn(&QueueCounters) -> u64) -> u64 {
+    all.iter().flat_map(|r| r.iter()).map(f).sum()
+}
+
+/// Two replicas on quorum work queues with `x-delivery-limit` = 2 and no
+/// dead-letter exchange, both reaching MySQL through one proxy: three
+/// MySQL outages longer than MYSQL_REQUEUE_AFTER (each replica gives back
+/// what it holds) and, during two of them, the broker closes the replicas'
+/// connections while they hold deliveries (returned, `x-delivery-count`
+/// grows). Without parking, a delivery returned three times is dropped by
+/// the broker; with it every create is stored exactly once and every edit
+/// applied (the second edit of a message wins), nothing dead-lettered, the
+/// queues empty.
+#[test]
+fn quorum_work_queues_with_a_delivery_limit_lose_nothing() {
+    let env = TestEnv::new("quorum_delivery_limit");
+    smol::block_on(async {
+        let t0 = Instant::now();
+        env.migrate_and_seed().await;
+        let amqp = env.amqp().await;
+        for q in WORK_QUEUES {
+            amqp.declare_quorum(q, Some(2)).await;
+        }
+        let mysql = Proxy::start("127.0.0.1:3306".parse().expect("address"));
+        let mysql_port = mysql.port.to_string();
+        let addrs: Vec<String> = (0..REPLICAS)
+            .map(|_| format!("127.0.0.1:{}", free_port()))
+            .collect();
+        let mut writers: Vec<Writer> = addrs
+            .iter()
+            .map(|addr| {
+                env.start_writer(&[
+                    ("HTTP_ADDR", addr.as_str()),
+                    ("DATABASE_PORT", mysql_port.as_str()),
+                    ("MYSQL_REQUEUE_AFTER", "2s"),
+                    ("RABBITMQ_PREFETCH_COUNT", "64"),
+                    // Edits race their creates (another queue): tiers
+                    // that outlast the outages.
+                    ("RETRY_DELAYS", "500ms,1s,2s,4s,8s,16s"),
+                ])
+            })
+            .collect();
+        wait_consumers(&env, REPLICAS as u32, Duration::from_secs(30)).await;
+
+        let mut want = Expected::new();
+        let items = workload(&mut want);
+        let published_total = items.len();
+        let publisher = Publisher::spawn(&env, items, 150);
+
+        // Three outages of 4.5 s (MYSQL_REQUEUE_AFTER is 2 s), 2 s apart;
+        // in the first and the last the broker closes the replicas'
+        // connections 0.8 s in, while their batches wait for MySQL.
+        let mut closed = Vec::new();
+        smol::Timer::after(Duration::from_millis(1500)).await;
+        for k in 0..3 {
+            let rows_before = env.db.count("messages", "1 = 1").await;
+            mysql.pause();
+            let paused = Instant::now();
+            smol::Timer::after(Duration::from_millis(800)).await;
+            if k != 1 {
+                let n = close_writer_connections(&env.vhost, "test: broker closes connections");
+                assert!(
+                    n >= REPLICAS,
+                    "outage {k}: closed {n} connection(s), expected one per replica at least"
+                );
+                closed.push(n);
+            }
+            let left = Duration::from_millis(4500).saturating_sub(paused.elapsed());
+            smol::Timer::after(left).await;
+            for w in writers.iter_mut() {
+                w.assert_running();
+            }
+            mysql.resume();
+            let c = counters(&addrs);
+            eprintln!(
+                "[quorum_delivery_limit] outage {k}: {:.1?}, rows {rows_before} before; \
+                 published {}; parked so far {}, MySQL requeues {}",
+                paused.elapsed(),
+                publisher.sent(),
+                total(&c, |c| c.parked),
+                total(&c, |c| c.requeues),
+            );
+            smol::Timer::after(Duration::from_secs(2)).await;
+        }
+        let published = publisher.join();
+        assert_eq!(published, published_total);
+
+        // Everything lands: every create once, the last edit of each.
+        let rows = wait_rows(&env, &want, Duration::from_secs(60)).await;
+        let keys: Vec<(i64, i64)> = env
+            .db
+            .query("SELECT COUNT(*), COUNT(DISTINCT chat_id, number) FROM messages")
+            .await;
+        assert_eq!(keys, vec![(MESSAGES, MESSAGES)], "rows, distinct keys");
+        assert_eq!(
+            env.db.message_numbers(CHAT_ID).await,
+            (1..=MESSAGES).collect::<Vec<i64>>()
+        );
+        let chats: Vec<i64> = env
+            .db
+            .chats_where(&format!("application_id = {APP_ID}"))
+            .await
+            .iter()
+            .map(|c| c.number)
+            .collect();
+        let want_chats: Vec<i64> = (1..=MESSAGES / CHAT_EVERY + 1).collect();
+        assert_eq!(chats, want_chats, "chat numbers");
+        let indexed = wait_indexed(&env.es, &rows, Duration::from_secs(60)).await;
+
+        // The queues: work queues empty with both replicas consuming,
+        // nothing dead-lettered, nothing left in a delay tier.
+        wait_consumers(&env, REPLICAS as u32, Duration::from_secs(30)).await;
+        let e = &env;
+        wait_for(
+            "every work queue empty (ready 0, unacked 0)",
+            Duration::from_secs(30),
+            Duration::from_millis(300),
+            move || async move {
+                let s: Vec<_> = WORK_QUEUES.iter().map(|q| e.queue_stats(q)).collect();
+                if s.iter().all(|s| matches!(s, Some((0, 0, _)))) {
+                    Ok(())
+                } else {
+                    Err(format!("(ready, unacked, consumers) {s:?}"))
+                }
+            },
+        )
+        .await;
+        env.wait_queue_empty("chat_writer.index", Duration::from_secs(30))
+            .await;
+        let (dead, retrying) = env.dead_and_retrying();
+
+        // Each replica's counters add up once every batch is settled.
+        let a = &addrs;
+        let c = wait_for(
+            "received = stored + retried + dead-lettered + parked + abandoned",
+            Duration::from_secs(20),
+            POLL,
+            move || async move {
+                let c = counters(a);
+                if c.iter().flat_map(|r| r.iter()).all(QueueCounters::balanced) {
+                    Ok(c)
+                } else {
+                    Err(format!("{c:?}"))
+                }
+            },
+        )
+        .await;
+        let (parked, requeues) = (total(&c, |c| c.parked), total(&c, |c| c.requeues));
+        eprintln!(
+            "[quorum_delivery_limit] published {published} ({MESSAGES} creates, edits, {} \
+             chats) / stored {} rows / indexed {indexed} / dead-lettered {dead} / in delay \
+             tiers {retrying}; parked {parked} (per replica {:?}), MySQL requeues {requeues}, \
+             abandoned {}, duplicates {}, superseded {}, retried {}; connections closed {closed:?}; \
+             {:.1?}",
+            MESSAGES / CHAT_EVERY,
+            rows.len(),
+            c.iter()
+                .map(|r| r.iter().map(|q| q.parked).sum::<u64>())
+                .collect::<Vec<_>>(),
+            total(&c, |c| c.abandoned),
+            total(&c, |c| c.duplicate),
+            total(&c, |c| c.superseded),
+            total(&c, |c| c.retried),
+            t0.elapsed(),
+        );
+        assert_eq!(dead, 0, "nothing dead-lettered: {:?}", env.list_queues());
+        assert_eq!(retrying, 0, "nothing left in a delay tier");
+        assert!(
+            requeues >= 1,
+            "no replica gave its deliveries back during the outages: {c:?}"
+        );
+        assert!(parked > 0, "no delivery was parked: {c:?}");
+        assert_eq!(
+            total(&c, |c| c.dead_lettered),
+            0,
+            "dead-lettered counters: {c:?}"
+        );
+        for w in writers.iter_mut() {
+            w.stop();
+        }
+        amqp.close().await;
+    });
+}
+
+/// One create on a quorum queue with `x-delivery-limit` = 1, held by a
+/// writer that cannot reach MySQL (MYSQL_REQUEUE_AFTER 1 h); the broker
+/// closes the writer's connection three times. Each time the delivery
+/// comes back with `x-delivery-count` 1 and the writer parks it (a fresh
+/// copy, count 0), so the broker never drops it (it would at the second
+/// return); when MySQL is back the row lands once.
+#[test]
+fn a_returned_delivery_is_parked_not_dropped() {
+    const QUEUE: &str = "create_messages";
+    let env = TestEnv::new("parked_not_dropped");
+    smol::block_on(async {
+        env.migrate_and_seed().await;
+        let amqp = env.amqp().await;
+        amqp.declare_quorum(QUEUE, Some(1)).await;
+        let mysql = Proxy::start("127.0.0.1:3306".parse().expect("address"));
+        let mysql_port = mysql.port.to_string();
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut w = env.start_writer(&[
+            ("HTTP_ADDR", addr.as_str()),
+            ("DATABASE_PORT", mysql_port.as_str()),
+            ("MYSQL_REQUEUE_AFTER", "1h"),
+        ]);
+        env.wait_consuming(&mut w).await;
+        mysql.pause();
+        amqp.publish_json(
+            QUEUE,
+            &json!({"chat_id": CHAT_ID, "token": TOKEN, "chat_number": 1, "number": 1,
+                    "body": "kept", "creator_id": 3}),
+            Some(T1),
+        )
+        .await;
+        let a = addr.as_str();
+        let wait_counters = |what: String, ok: fn(&QueueCounters, u64) -> bool, k: u64| async move {
+            wait_for(&what, Duration::from_secs(20), POLL, move || async move {
+                let c = QueueCounters::scrape(a, QUEUE);
+                if ok(&c, k) {
+                    Ok(c)
+                } else {
+                    Err(format!("{c:?}"))
+                }
+            })
+            .await
+        };
+        wait_counters(
+            "the writer took the create and failed to write it".to_string(),
+            |c, _| c.received == 1 && c.write_errors >= 1,
+            0,
+        )
+        .await;
+        for k in 1..=3u64 {
+            let n = close_writer_connections(&env.vhost, "test: broker closes connections");
+            assert!(n >= 1, "no writer connection to close");
+            // Back with x-delivery-count 1: parked; the fresh copy taken.
+            let c = wait_counters(
+                format!("return {k}: the delivery parked and its copy taken"),
+                |c, k| c.parked == k && c.received == 1 + 2 * k,
+                k,
+            )
+            .await;
+            w.assert_running();
+            let e = &env;
+            wait_for(
+                &format!("return {k}: the copy held by the writer"),
+                Duration::from_secs(20),
+                Duration::from_millis(200),
+                move || async move {
+                    match e.queue_stats(QUEUE) {
+                        Some((0, 1, 1)) => Ok(()),
+                        other => Err(format!("(ready, unacked, consumers) {other:?}")),
+                    }
+                },
+            )
+            .await;
+            eprintln!("[parked_not_dropped] after return {k}: {c:?}");
+        }
+
+        mysql.resume();
+        let m = crate::consumers::wait_message(&env, CHAT_ID, 1).await;
+        assert_eq!(m.body, b"kept");
+        assert_eq!(m.creator_id, Some(3));
+        assert_indexed(&env, &m).await;
+        env.wait_queue_empty(QUEUE, Duration::from_secs(20)).await;
+        let c = wait_counters(
+            "the create counted stored".to_string(),
+            |c, _| c.stored == 1,
+            0,
+        )
+        .await;
+        eprintln!("[parked_not_dropped] final {QUEUE} counters {c:?}");
+        assert_eq!(env.db.count("messages", "1 = 1").await, 1);
+        assert_eq!(
+            (c.received, c.stored, c.duplicate, c.parked, c.abandoned),
+            (7, 1, 0, 3, 3),
+            "the original and each copy taken, each return parked: {c:?}"
+        );
+        assert!(c.balanced(), "{c:?}");
+        assert_eq!(env.dead_and_retrying(), (0, 0), "{:?}", env.list_queues());
+        w.stop();
+        amqp.close().await;
+    });
+}

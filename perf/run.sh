@@ -20,17 +20,26 @@
 #        endpoint   idle RSS with the HTTP endpoint on (scraped) vs off
 #        binary     size of the stripped static binary
 #      and optionally: memory (10,000 vs 1,000,000 backlog), A/B of two
-#      binaries, a diagnostic drain with RUST_LOG=debug (batch statistics);
+#      binaries, the edit path of two binaries, a diagnostic drain with
+#      RUST_LOG=debug (batch statistics);
 #   4. prints the combined markdown report and writes it, with the JSON of
 #      every part and the PNG, under target/perf/.
 #
 # Usage: perf/run.sh [--quick] [--memcheck] [--debug-log] [--ab BIN_A BIN_B]
-#                    [--reps K] [--messages N] [--rate R] [--secs T]
+#                    [--edits BIN_A BIN_B] [--reps K] [--messages N] [--rate R]
+#                    [--secs T]
 #   --quick      10,000-message backlog, 5 s steady, 1 repetition (smoke run)
 #   --memcheck   also drain 10,000 and 1,000,000 messages (takes minutes)
 #   --debug-log  also one drain with RUST_LOG=debug: batch sizes, time per
 #                batch, documents per _bulk from the writer's own log
 #   --ab A B     also run the A/B comparison of two writer binaries
+#   --edits A B  also compare the update (edit) path of two writer binaries,
+#                alternately, indexing off: N/2 rows inserted directly, N
+#                update_messages pre-published (a first and a final edit of
+#                every message), timed until every row holds its final body;
+#                each binary migrates its own sandbox, so an old binary with
+#                an older schema works. Alone: target/release/load edits
+#                --a OLD --b NEW [--rounds K] [-n N]
 # Environment: CARGO_TARGET_DIR (default ./target). Output: target/perf/.
 set -euo pipefail
 
@@ -39,7 +48,7 @@ ROOT=$(pwd)
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
 OUT="$ROOT/target/perf"
 
-QUICK=""; MEMCHECK=""; DEBUGLOG=""; AB_A=""; AB_B=""
+QUICK=""; MEMCHECK=""; DEBUGLOG=""; AB_A=""; AB_B=""; ED_A=""; ED_B=""
 REPS=""; N=""; RATE=2000; SECS=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -47,6 +56,7 @@ while [[ $# -gt 0 ]]; do
     --memcheck) MEMCHECK=1 ;;
     --debug-log) DEBUGLOG=1 ;;
     --ab) AB_A="${2:?--ab needs two binaries}"; AB_B="${3:?--ab needs two binaries}"; shift 2 ;;
+    --edits) ED_A="${2:?--edits needs two binaries}"; ED_B="${3:?--edits needs two binaries}"; shift 2 ;;
     --reps) REPS="${2:?}"; shift ;;
     --messages) N="${2:?}"; shift ;;
     --rate) RATE="${2:?}"; shift ;;
@@ -163,6 +173,11 @@ if [[ -n "$AB_A" ]]; then
     --secs "$AB_SECS" --roofline "$OUT/roofline.json" >/dev/null
 fi
 
+if [[ -n "$ED_A" ]]; then
+  say "edits A/B: $ED_A vs $ED_B"
+  "${L[@]}" edits --a "$ED_A" --b "$ED_B" --rounds "$AB_ROUNDS" -n "$AB_N" >/dev/null
+fi
+
 # ------------------------------------------------------------ binary size
 STRIPPED="$OUT/chat-writer.stripped"
 cp "$WRITER" "$STRIPPED"
@@ -189,14 +204,14 @@ printf '{"bytes": %s, "mib": %s, "linkage": "%s"}\n' "$SIZE" \
   echo "load average at the end $(cut -d' ' -f1-3 /proc/loadavg); command: \`perf/run.sh${QUICK:+ --quick}\`."
   echo "Services on the same machine: MariaDB, RabbitMQ, Redis, osmem-server ($ES_URL)."
   echo
-  for part in roofline backlog backlog-mysql-only steady steady-mysql-only endpoint debug-backlog memory ab binary; do
+  for part in roofline backlog backlog-mysql-only steady steady-mysql-only endpoint debug-backlog memory ab edits binary; do
     [[ -f "$OUT/$part.md" ]] && { cat "$OUT/$part.md"; echo; }
   done
 } >"$OUT/report.md"
 {
   echo "{"
   sep=""
-  for part in roofline backlog backlog-mysql-only steady steady-mysql-only endpoint memory ab binary; do
+  for part in roofline backlog backlog-mysql-only steady steady-mysql-only endpoint memory ab edits binary; do
     if [[ -f "$OUT/$part.json" ]]; then
       printf '%s"%s": ' "$sep" "${part//-/_}"; cat "$OUT/$part.json"; sep=","
     fi

@@ -603,9 +603,6 @@ impl Publisher {
         body: &[u8],
         published_us: Option<u64>,
     ) -> Res<()> {
-        while self.pending.len() >= self.window {
-            self.settle_one().await?;
-        }
         let mut props = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_delivery_mode(2)
@@ -614,6 +611,29 @@ impl Publisher {
             let mut headers = FieldTable::default();
             headers.insert("x-published-us".into(), AMQPValue::LongLongInt(us as i64));
             props = props.with_headers(headers);
+        }
+        self.publish_props(queue, body, props).await
+    }
+
+    /// Publishes JSON, persistent, without an AMQP timestamp or headers
+    /// (`load edits`: the writer then versions each edit by the time it
+    /// received it, in delivery order).
+    pub async fn publish_untimed(&mut self, queue: &str, body: &[u8]) -> Res<()> {
+        let props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2);
+        self.publish_props(queue, body, props).await
+    }
+
+    /// Publishes to `queue` on the default exchange with `props`.
+    pub async fn publish_props(
+        &mut self,
+        queue: &str,
+        body: &[u8],
+        props: BasicProperties,
+    ) -> Res<()> {
+        while self.pending.len() >= self.window {
+            self.settle_one().await?;
         }
         let confirm = self
             .channel

@@ -12,6 +12,10 @@
 //! - `steady`: R msgs/s for T s, publish→row and publish→document latency
 //!   (`steady.rs`), with a PNG plot (`plot.rs`);
 //! - `ab`: backlog + steady against two binaries alternately (`ab.rs`);
+//! - `edits`: the update path of two binaries alternately: N/2 rows
+//!   inserted directly, N `update_messages` pre-published (a first and a
+//!   final edit of every message), the writer started with indexing off
+//!   and timed until every row holds its final body (`edits.rs`);
 //! - `memory`: one backlog drain per size (10,000 vs 1,000,000) to show
 //!   peak RSS does not grow with the backlog;
 //! - `endpoint`: idle RSS with the HTTP endpoint on (and scraped) vs off
@@ -25,6 +29,7 @@
 mod ab;
 mod backlog;
 mod common;
+mod edits;
 mod endpoint;
 mod plot;
 mod roofline;
@@ -38,7 +43,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 const USAGE: &str = "\
-usage: load <roofline|backlog|steady|ab|memory|endpoint> [flags]   (flags before or after)
+usage: load <roofline|backlog|steady|ab|edits|memory|endpoint> [flags]   (flags before or after)
 
 common flags:
   --es URL            Elasticsearch/OpenSearch (default $ELASTICSEARCH_URL or http://127.0.0.1:9200)
@@ -58,6 +63,7 @@ backlog:   --writer PATH  -n N (100000)  --roofline FILE (reuse; else measured f
 steady:    --writer PATH  --rate R (2000)  --secs T (20)  --font TTF
 ab:        --a PATH --b PATH  --rounds K (3)  -n N (20000)  --rate R (2000)  --secs T (10)
            --roofline FILE
+edits:     --a PATH --b PATH  --rounds K (3)  -n N (20000)
 memory:    --writer PATH  --sizes LIST (10000,1000000)
 endpoint:  --writer PATH  --reps K (5)";
 
@@ -266,6 +272,17 @@ async fn run(a: Args) -> Res<()> {
             let (v, md) = ab::run(&a.s, &o, &roof).await?;
             println!("{md}");
             write_outputs(&a.s, "ab", &v, &md)
+        }
+        "edits" => {
+            let o = edits::Opts {
+                a: abs(a.a.as_deref().ok_or("--a PATH is required")?)?,
+                b: abs(a.b.as_deref().ok_or("--b PATH is required")?)?,
+                rounds: a.rounds,
+                n: a.n.unwrap_or(20_000),
+            };
+            let (v, md) = edits::run(&a.s, &o).await?;
+            println!("{md}");
+            write_outputs(&a.s, "edits", &v, &md)
         }
         "memory" => {
             let writer = need_writer(&a)?;

@@ -97,7 +97,7 @@ pub async fn run(ctx: &Context, mut consumer: BatchConsumer) -> Result<(), Strin
         let next = async {
             let taken: Result<_, String> = consumer.next_batch(&ctx.shutdown).await;
             let Some(batch) = taken? else {
-                return Ok(Step::Stop);
+                return Ok(Step::Stop(Vec::new(), Vec::new()));
             };
             let m = metrics::get();
             let label = Metrics::queue(queue);
@@ -106,15 +106,19 @@ pub async fn run(ctx: &Context, mut consumer: BatchConsumer) -> Result<(), Strin
             m.batch_size
                 .get_or_create(&label)
                 .observe(batch.len() as f64);
-            let versions = edit_versions(queue, &batch);
-            match write_batch(ctx, queue, &batch, &versions).await {
+            let versions = edit_versions(queue, &batch, &consumer);
+            // Deliveries the broker returned before are parked at once, so
+            // they are safe however long the rest of the batch waits.
+            let parked = park_returned(ctx, queue, &batch, &versions).await?;
+            in_hand.settled(parked);
+            match write_batch(ctx, queue, &batch, &versions, &mut consumer).await {
                 Ok(written) => Ok::<_, String>(Step::Written(batch, written)),
                 Err(Unwritten::Shutdown) => {
                     log::info!(
-                        "queue={queue}: shutdown during a retry; {} deliveries left unacked",
+                        "queue={queue}: shutdown during a retry; {} deliveries not written",
                         batch.len()
                     );
-                    Ok(Step::Stop)
+                    Ok(Step::Stop(batch, versions))
                 }
                 Err(Unwritten::Requeue) => Ok(Step::GiveBack(batch, versions)),
             }
@@ -126,7 +130,10 @@ pub async fn run(ctx: &Context, mut consumer: BatchConsumer) -> Result<(), Strin
         settled?;
         let (batch, written) = match next? {
             Step::Written(batch, written) => (batch, written),
-            Step::Stop => return Ok(()),
+            Step::Stop(batch, versions) => {
+                park_on_shutdown(ctx, &mut consumer, batch, &versions, in_hand).await;
+                return Ok(());
+            }
             Step::GiveBack(batch, versions) => {
                 // The previous batch is settled: every unacked delivery on
                 // this channel is this batch's or not yet taken.
@@ -139,7 +146,9 @@ pub async fn run(ctx: &Context, mut consumer: BatchConsumer) -> Result<(), Strin
         };
         let current = settle(ctx, queue, batch, written, in_hand);
         if ctx.shutdown.is_triggered() {
-            return current.await;
+            current.await?;
+            park_on_shutdown(ctx, &mut consumer, Vec::new(), &[], in_hand).await;
+            return Ok(());
         }
         settling = Some(Box::pin(current));
     }
@@ -149,24 +158,72 @@ pub async fn run(ctx: &Context, mut consumer: BatchConsumer) -> Result<(), Strin
 enum Step {
     /// Written to MySQL; to be settled.
     Written(Vec<Delivery>, Written),
-    /// Shutdown: stop taking batches.
-    Stop,
+    /// Shutdown: stop taking batches; park what is held (a batch not
+    /// written, with its edit versions, and what was received but not
+    /// taken).
+    Stop(Vec<Delivery>, Vec<Result<Micros, Malformed>>),
     /// MySQL kept failing: give the batch back ([`give_back`]), with the
     /// versions of its edits.
     GiveBack(Vec<Delivery>, Vec<Result<Micros, Malformed>>),
 }
 
 /// The version of every edit of `batch` (`edit_order`): empty for the
-/// create queues. Stamped in delivery order.
-fn edit_versions(queue: &str, batch: &[Delivery]) -> Vec<Result<Micros, Malformed>> {
+/// create queues. A delivery the consumer pulled before it was taken keeps
+/// the stamp of its arrival; the others are stamped now, in delivery order.
+fn edit_versions(
+    queue: &str,
+    batch: &[Delivery],
+    consumer: &BatchConsumer,
+) -> Vec<Result<Micros, Malformed>> {
     if queue != UPDATE_QUEUE {
         return Vec::new();
     }
     let now = now_micros();
     batch
         .iter()
-        .map(|d| edit_version(&d.properties, STAMPS.next(now)))
+        .map(|d| {
+            let stamp = consumer
+                .received_stamp(d.delivery_tag)
+                .unwrap_or_else(|| STAMPS.next(now));
+            edit_version(&d.properties, stamp)
+        })
         .collect()
+}
+
+/// Publishes a parked copy of every delivery of `batch` that the broker
+/// returned before (confirmed), before the batch is written: once its copy
+/// is confirmed, what happens to the original (acked with the batch, or
+/// returned again with a channel) no longer matters. Returns how many.
+///
+/// Errors: a broker failure (the caller reconnects).
+async fn park_returned(
+    ctx: &Context,
+    queue: &str,
+    batch: &[Delivery],
+    versions: &[Result<Micros, Malformed>],
+) -> Result<usize, String> {
+    let out: Vec<Outgoing<'_>> = batch
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| returned_before(d))
+        .map(|(i, d)| {
+            let version = versions.get(i).and_then(|v| v.as_ref().ok().copied());
+            parked_copy(queue, d, version)
+        })
+        .collect();
+    if out.is_empty() {
+        return Ok(0);
+    }
+    ctx.republisher.publish_all(&out).await?;
+    metrics::get()
+        .parked
+        .get_or_create(&Metrics::queue(queue))
+        .inc_by(out.len() as u64);
+    log::info!(
+        "queue={queue}: parked {} deliveries that arrived with x-delivery-count >= 1 (returned by the broker before) as fresh copies",
+        out.len()
+    );
+    Ok(out.len())
 }
 
 /// The work queue of edits.
@@ -195,10 +252,8 @@ fn parked_copy<'a>(queue: &str, d: &'a Delivery, version: Option<Micros>) -> Out
 /// Gives `batch` and every delivery the consumer holds back to the queue
 /// and stops consuming, so replicas that can reach MySQL take them
 /// (CONTRACT section 6: never acked before stored, never dead-lettered;
-/// MYSQL_REQUEUE_AFTER): cancels the consumer, parks every delivery it
-/// holds (republished to the queue, confirmed, with its edit version; never
-/// `basic.nack` with requeue, which a quorum queue counts against its
-/// delivery limit) and acks them. [`resume_when_mysql_answers`] follows.
+/// MYSQL_REQUEUE_AFTER): [`park_all`], then [`resume_when_mysql_answers`]
+/// follows.
 ///
 /// Returns the pause, counted in `consumers_paused` until it is dropped
 /// (by [`resume_when_mysql_answers`], or with the task when a reconnect or
@@ -212,28 +267,101 @@ async fn give_back(
     in_hand: &InHand,
 ) -> Result<Paused, String> {
     let queue = consumer.queue().to_string();
+    metrics::get()
+        .mysql_requeues
+        .get_or_create(&Metrics::queue(&queue))
+        .inc();
+    let n = park_all(ctx, consumer, batch, versions, in_hand).await?;
+    log::warn!(
+        "mysql: queue={queue} writes failing for at least {} s; gave {n} deliveries back to the queue (parked); consuming again when MySQL answers",
+        ctx.mysql_requeue_after.as_secs_f64(),
+    );
+    Ok(Paused::new())
+}
+
+/// On shutdown, gives back what the consumer holds (a batch that could not
+/// be written, and what was received but not taken) by [`park_all`]
+/// instead of letting the channel's close return it, which a quorum queue
+/// counts against its delivery limit. Bounded by [`SHUTDOWN_PARK_TIMEOUT`];
+/// on a failure or past it the deliveries return with the channel as
+/// before (logged).
+async fn park_on_shutdown(
+    ctx: &Context,
+    consumer: &mut BatchConsumer,
+    batch: Vec<Delivery>,
+    versions: &[Result<Micros, Malformed>],
+    in_hand: &InHand,
+) {
+    let queue = consumer.queue().to_string();
+    let parked = smol::future::or(
+        async { Some(park_all(ctx, consumer, batch, versions, in_hand).await) },
+        async {
+            async_io::Timer::after(SHUTDOWN_PARK_TIMEOUT).await;
+            None
+        },
+    )
+    .await;
+    match parked {
+        Some(Ok(0)) => {}
+        Some(Ok(n)) => log::info!(
+            "queue={queue}: shutdown: parked {n} deliveries held but not stored (fresh copies in the queue)"
+        ),
+        Some(Err(e)) => log::warn!(
+            "queue={queue}: shutdown: could not park the deliveries held ({e}); they return to the queue with the channel"
+        ),
+        None => log::warn!(
+            "queue={queue}: shutdown: parking the deliveries held took over {} s; they return to the queue with the channel",
+            SHUTDOWN_PARK_TIMEOUT.as_secs()
+        ),
+    }
+}
+
+/// How long parking what a consumer holds may take at shutdown.
+const SHUTDOWN_PARK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Stops the consumer and parks every delivery it holds: `batch` (taken,
+/// not written; with its edit versions) and every delivery received but
+/// not taken. Each is republished to the queue (confirmed, with its edit
+/// version, arrival stamps kept) and all are acked with one `multiple`
+/// ack; never `basic.nack` with requeue, which a quorum queue counts
+/// against its delivery limit. Deliveries of `batch` that were parked on
+/// arrival ([`park_returned`]) are acked, not published again. The previous
+/// batch must be settled. Returns how many deliveries were handed back.
+///
+/// Errors: the channel failed (the deliveries return with it).
+async fn park_all(
+    ctx: &Context,
+    consumer: &mut BatchConsumer,
+    batch: Vec<Delivery>,
+    versions: &[Result<Micros, Malformed>],
+    in_hand: &InHand,
+) -> Result<usize, String> {
+    let queue = consumer.queue().to_string();
     let m = metrics::get();
     let label = Metrics::queue(&queue);
-    m.mysql_requeues.get_or_create(&label).inc();
     let taken = batch.len();
-    // The versions of the batch's edits, by delivery tag; deliveries
-    // received but not taken yet are stamped now, after them.
+    let parked_on_arrival = batch.iter().filter(|d| returned_before(d)).count();
+    // The versions of the batch's edits, by delivery tag.
     let known: std::collections::HashMap<u64, Micros> = batch
         .iter()
         .zip(versions)
         .filter_map(|(d, v)| Some((d.delivery_tag, *v.as_ref().ok()?)))
         .collect();
+    let batch_tags: std::collections::HashSet<u64> = batch.iter().map(|d| d.delivery_tag).collect();
     // On an error the batch stays unacked and returns with the channel.
     let all = consumer.cancel_and_take_all(batch).await?;
     let now = now_micros();
     let out: Vec<Outgoing<'_>> = all
         .iter()
+        .filter(|d| !(batch_tags.contains(&d.delivery_tag) && returned_before(d)))
         .map(|d| {
             let version = if queue == UPDATE_QUEUE {
-                known
-                    .get(&d.delivery_tag)
-                    .copied()
-                    .or_else(|| edit_version(&d.properties, STAMPS.next(now)).ok())
+                known.get(&d.delivery_tag).copied().or_else(|| {
+                    let stamp = consumer
+                        .received_stamp(d.delivery_tag)
+                        .unwrap_or_else(|| STAMPS.next(now));
+                    edit_version(&d.properties, stamp).ok()
+                })
             } else {
                 None
             };
@@ -246,18 +374,14 @@ async fn give_back(
     if let Some(last) = all.last() {
         consumer.ack_through(last).await?;
     }
-    in_hand.settled(taken);
+    consumer.forget_stamps();
+    in_hand.settled(taken - parked_on_arrival);
     // Deliveries received but not yet taken count as received here.
     m.received
         .get_or_create(&label)
         .inc_by(all.len().saturating_sub(taken) as u64);
-    m.parked.get_or_create(&label).inc_by(all.len() as u64);
-    log::warn!(
-        "mysql: queue={queue} writes failing for at least {} s; gave {} deliveries back to the queue (parked); consuming again when MySQL answers",
-        ctx.mysql_requeue_after.as_secs_f64(),
-        all.len()
-    );
-    Ok(Paused::new())
+    m.parked.get_or_create(&label).inc_by(out.len() as u64);
+    Ok(all.len())
 }
 
 /// One paused consumer in `chat_writer_consumers_paused`, for as long as
@@ -394,7 +518,8 @@ enum Fate {
     Superseded,
     Missing(&'static str),
     DeadLetter(String),
-    /// Returned by the broker before: republished as a fresh copy.
+    /// Returned by the broker before: a fresh copy was published before
+    /// the write (`park_returned`); acked with the batch.
     Parked,
 }
 
@@ -403,6 +528,7 @@ async fn write_batch(
     queue: &str,
     batch: &[Delivery],
     versions: &[Result<Micros, Malformed>],
+    consumer: &mut BatchConsumer,
 ) -> Result<Written, Unwritten> {
     let started = Instant::now();
     let now = now_micros();
@@ -432,7 +558,8 @@ async fn write_batch(
                 .filter_map(|(r, _)| r.as_ref().ok())
                 .map(|(c, t)| (c, *t))
                 .collect();
-            let outcomes = retry_in_place(ctx, queue, || ctx.store.create_chats(&valid)).await?;
+            let outcomes =
+                retry_in_place(ctx, queue, consumer, || ctx.store.create_chats(&valid)).await?;
             let mut outcomes = outcomes.into_iter();
             for (r, d) in decoded.iter().zip(batch) {
                 fates.push(match r {
@@ -462,7 +589,7 @@ async fn write_batch(
                 .filter_map(|(r, _)| r.as_ref().ok())
                 .map(|(m, t)| (m, *t))
                 .collect();
-            let (outcomes, got) = retry_in_place(ctx, queue, || {
+            let (outcomes, got) = retry_in_place(ctx, queue, consumer, || {
                 ctx.store.create_messages(&valid, ctx.indexing)
             })
             .await?;
@@ -502,7 +629,7 @@ async fn write_batch(
                 .map(|(u, v)| (u, *v))
                 .collect();
             let (outcomes, got) =
-                retry_in_place(ctx, queue, || ctx.store.update_messages(&valid)).await?;
+                retry_in_place(ctx, queue, consumer, || ctx.store.update_messages(&valid)).await?;
             if ctx.indexing {
                 rows = got;
             }
@@ -567,10 +694,8 @@ async fn settle(
         match f {
             Fate::Stored => summary.stored += 1,
             Fate::Superseded => summary.superseded += 1,
-            Fate::Parked => {
-                summary.parked += 1;
-                out.push(parked_copy(queue, d, version));
-            }
+            // Its copy was published before the write (`park_returned`).
+            Fate::Parked => summary.parked += 1,
             Fate::DeadLetter(reason) => {
                 summary.dead_lettered += 1;
                 let count = retry_count(&d.properties);
@@ -665,14 +790,8 @@ async fn settle(
         .ack(BasicAckOptions { multiple: true })
         .await
         .map_err(|e| format!("ack on {queue}: {e}"))?;
-    in_hand.settled(batch.len());
+    in_hand.settled(batch.len() - summary.parked);
     record(queue, &batch, &summary, now, write_time);
-    if summary.parked > 0 {
-        log::info!(
-            "queue={queue}: parked {} deliveries the broker had returned before (x-delivery-count >= 1) as fresh copies",
-            summary.parked
-        );
-    }
     log::debug!(
         "batch queue={queue} size={} stored={} superseded={} retried={} dead_lettered={} parked={} first_tag={} last_tag={} write_us={} publish_us={} duration_us={}",
         batch.len(),
@@ -702,9 +821,6 @@ fn record(queue: &str, batch: &[Delivery], summary: &Summary, now: Micros, write
         m.superseded
             .get_or_create(&label)
             .inc_by(summary.superseded as u64);
-    }
-    if summary.parked > 0 {
-        m.parked.get_or_create(&label).inc_by(summary.parked as u64);
     }
     m.retried
         .get_or_create(&label)
@@ -761,7 +877,12 @@ const MYSQL_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(60);
 /// finish within [`SHUTDOWN_GRACE`] (its batch is then settled and acked);
 /// past it, or while backing off, it stops: nothing of the batch is acked,
 /// so it is redelivered and written again idempotently.
-async fn retry_in_place<T, F, Fut>(ctx: &Context, queue: &str, mut write: F) -> Result<T, Unwritten>
+async fn retry_in_place<T, F, Fut>(
+    ctx: &Context,
+    queue: &str,
+    consumer: &mut BatchConsumer,
+    mut write: F,
+) -> Result<T, Unwritten>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, mysql_async::Error>>,
@@ -774,7 +895,21 @@ where
             None
         });
         let mut attempt = std::pin::pin!(attempt);
-        let outcome = match ctx.shutdown.race(attempt.as_mut()).await {
+        // After a failure, deliveries that arrive while the batch waits are
+        // pulled and stamped as they arrive (`BatchConsumer::absorb`), so
+        // an edit among them keeps the time it arrived if it is given back.
+        let waiting = async {
+            if backoff.attempts() > 0 {
+                smol::future::or(attempt.as_mut(), async {
+                    consumer.absorb().await;
+                    std::future::pending().await
+                })
+                .await
+            } else {
+                attempt.as_mut().await
+            }
+        };
+        let outcome = match ctx.shutdown.race(waiting).await {
             Some(outcome) => Some(outcome),
             // Shutdown while the attempt runs: the batch is taken, so the
             // attempt may finish (a healthy write takes milliseconds) and
@@ -822,7 +957,12 @@ where
         let delay = backoff
             .next_delay()
             .min(ctx.mysql_requeue_after - failing_for);
-        if !ctx.shutdown.sleep(delay).await {
+        let slept = smol::future::or(ctx.shutdown.sleep(delay), async {
+            consumer.absorb().await;
+            std::future::pending().await
+        })
+        .await;
+        if !slept {
             return Err(Unwritten::Shutdown);
         }
     }

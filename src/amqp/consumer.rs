@@ -12,7 +12,9 @@
 //! messages (a per-consumer limit, changed by cancelling and consuming
 //! again on the same channel, so nothing unacked is given back).
 
+use crate::edit_order::STAMPS;
 use crate::shutdown::Shutdown;
+use crate::time::{now_micros, Micros};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions,
@@ -20,7 +22,7 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
 use smol::stream::StreamExt;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 /// What [`BatchConsumer::next`] found.
@@ -55,6 +57,14 @@ pub struct BatchConsumer {
     /// it: still unacked on this channel, handed out first (their tags are
     /// lower than any the new consumer gets).
     carried: VecDeque<Delivery>,
+    /// When each delivery in `carried` was received (a receive stamp from
+    /// `edit_order::STAMPS`), by delivery tag: deliveries pulled from the
+    /// stream before they are taken ([`BatchConsumer::absorb`],
+    /// cancelling) keep the time they arrived, not the time they are taken.
+    carried_stamps: HashMap<u64, Micros>,
+    /// The receive stamps of the last batch's deliveries that came from
+    /// `carried`.
+    batch_stamps: HashMap<u64, Micros>,
     /// A failure seen while filling a batch, reported on the next call.
     failed: Option<String>,
 }
@@ -100,6 +110,8 @@ impl BatchConsumer {
             consumer,
             max: usize::from(prefetch),
             carried: VecDeque::new(),
+            carried_stamps: HashMap::new(),
+            batch_stamps: HashMap::new(),
             failed: None,
         })
     }
@@ -161,6 +173,63 @@ impl BatchConsumer {
         Ok(held)
     }
 
+    /// The receive stamp of delivery `tag` of the last batch or of those
+    /// handed out by [`BatchConsumer::cancel_and_take_all`], if it was
+    /// pulled from the stream before it was taken; `None` for a delivery
+    /// taken as it was pulled (its receive time is the time it was taken).
+    pub fn received_stamp(&self, tag: u64) -> Option<Micros> {
+        self.batch_stamps
+            .get(&tag)
+            .or_else(|| self.carried_stamps.get(&tag))
+            .copied()
+    }
+
+    /// Forgets the stamps of deliveries handed out by
+    /// [`BatchConsumer::cancel_and_take_all`] (once they are settled).
+    pub fn forget_stamps(&mut self) {
+        self.carried_stamps.clear();
+        self.batch_stamps.clear();
+    }
+
+    /// Pulls every delivery the broker sends into `carried`, stamped as it
+    /// arrives, until dropped; never returns (a failure is kept for the
+    /// next call of [`BatchConsumer::next`]). Run beside a long wait (a
+    /// MySQL write being retried) so the deliveries that arrive meanwhile
+    /// keep the time they arrived. Dropping it is safe: nothing is lost.
+    pub async fn absorb(&mut self) {
+        loop {
+            if self.failed.is_some() {
+                return std::future::pending().await;
+            }
+            match self.consumer.next().await {
+                Some(Ok(d)) => self.carry(d),
+                Some(Err(e)) => self.failed = Some(format!("consumer of {}: {e}", self.queue)),
+                None => {
+                    self.failed = Some(format!(
+                        "consumer of {} was cancelled or its channel closed",
+                        self.queue
+                    ))
+                }
+            }
+        }
+    }
+
+    fn carry(&mut self, d: Delivery) {
+        self.carried_stamps
+            .insert(d.delivery_tag, STAMPS.next(now_micros()));
+        self.carried.push_back(d);
+    }
+
+    /// Moves a delivery out of `carried` into the batch being taken, with
+    /// its stamp.
+    fn take_carried(&mut self) -> Option<Delivery> {
+        let d = self.carried.pop_front()?;
+        if let Some(s) = self.carried_stamps.remove(&d.delivery_tag) {
+            self.batch_stamps.insert(d.delivery_tag, s);
+        }
+        Some(d)
+    }
+
     /// Consumes again after [`BatchConsumer::cancel_and_take_all`], with
     /// the same prefetch. Errors: the channel is gone.
     pub async fn resume(&mut self) -> Result<(), String> {
@@ -186,7 +255,7 @@ impl BatchConsumer {
             })
             .await;
             match next {
-                Some(Some(Ok(d))) => self.carried.push_back(d),
+                Some(Some(Ok(d))) => self.carry(d),
                 Some(None) => return Ok(()),
                 Some(Some(Err(e))) => return Err(fail("cancelled consumer", &e)),
                 None => return Err(fail("cancelled consumer", &"no end within 5 s")),
@@ -265,7 +334,8 @@ impl BatchConsumer {
         if shutdown.is_triggered() {
             return Ok(Next::Shutdown);
         }
-        let first = match self.carried.pop_front() {
+        self.batch_stamps.clear();
+        let first = match self.take_carried() {
             Some(d) => d,
             None => match self.wait_first(shutdown, idle).await? {
                 Ok(d) => d,
@@ -275,7 +345,7 @@ impl BatchConsumer {
         let mut batch = Vec::with_capacity(self.max.min(64));
         batch.push(first);
         while batch.len() < self.max {
-            if let Some(d) = self.carried.pop_front() {
+            if let Some(d) = self.take_carried() {
                 batch.push(d);
                 continue;
             }

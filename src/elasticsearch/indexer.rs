@@ -265,7 +265,10 @@ pub async fn run(
     let mut backlog_checked = std::time::Instant::now();
     loop {
         let batch = match consumer.next(&shutdown, Some(CHECK_IDLE)).await? {
-            Next::Shutdown => return Ok(()),
+            Next::Shutdown => {
+                park_on_shutdown(&mut consumer, &republisher, Vec::new()).await;
+                return Ok(());
+            }
             Next::Idle => {
                 check_index(&client, &mut watch, &republisher, &shutdown).await?;
                 let m = metrics::get();
@@ -319,7 +322,9 @@ pub async fn run(
         let Some(settled) =
             bulk_until_settled(&client, &mut watch, &docs, &mut body, &shutdown).await
         else {
-            // Unacked: the index messages stay queued for the next start.
+            // Not indexed: the index messages are parked (or, failing
+            // that, return with the channel) for the next start.
+            park_on_shutdown(&mut consumer, &republisher, batch).await;
             return Ok(());
         };
         if settled.backfill {
@@ -385,6 +390,64 @@ pub async fn run(
             batch.len(),
             bulk_started.elapsed().as_micros()
         );
+    }
+}
+
+/// On shutdown, parks the index messages the consumer holds (`held`, and
+/// what was received but not taken): republished to the index queue
+/// (confirmed) and acked, instead of returned by the channel's close, which
+/// a quorum queue counts against its delivery limit. Those of `held` that
+/// arrived returned were parked on arrival and are only acked. Bounded by 5 s; on
+/// a failure they return with the channel (logged).
+async fn park_on_shutdown(
+    consumer: &mut BatchConsumer,
+    republisher: &Republisher,
+    held: Vec<Delivery>,
+) {
+    // Deliveries of `held` that arrived returned already have their copy.
+    let copied: std::collections::HashSet<u64> = held
+        .iter()
+        .filter(|d| delivery_count(&d.properties) >= 1)
+        .map(|d| d.delivery_tag)
+        .collect();
+    let park = async {
+        let all = consumer.cancel_and_take_all(held).await?;
+        let out: Vec<Outgoing<'_>> = all
+            .iter()
+            .filter(|d| !copied.contains(&d.delivery_tag))
+            .map(|d| Outgoing {
+                queue: INDEX_QUEUE.to_string(),
+                data: &d.data,
+                properties: park_properties(&d.properties, &[]),
+            })
+            .collect();
+        if !out.is_empty() {
+            republisher.publish_all(&out).await?;
+        }
+        if let Some(last) = all.last() {
+            consumer.ack_through(last).await?;
+        }
+        consumer.forget_stamps();
+        metrics::get()
+            .parked
+            .get_or_create(&metrics::Metrics::queue(INDEX_QUEUE))
+            .inc_by(out.len() as u64);
+        Ok::<usize, String>(out.len())
+    };
+    let parked = smol::future::or(async { Some(park.await) }, async {
+        async_io::Timer::after(Duration::from_secs(5)).await;
+        None
+    })
+    .await;
+    match parked {
+        Some(Ok(0)) => {}
+        Some(Ok(n)) => log::info!("index queue: shutdown: parked {n} index messages not yet indexed"),
+        Some(Err(e)) => log::warn!(
+            "index queue: shutdown: could not park the index messages held ({e}); they return with the channel"
+        ),
+        None => log::warn!(
+            "index queue: shutdown: parking took over 5 s; the index messages held return with the channel"
+        ),
     }
 }
 

@@ -61,10 +61,25 @@ pub const TABLES: &[&str] = &[
 pub const ADDED_COLUMNS: &[(&str, &str, &str)] =
     &[("messages", "edit_version", "BIGINT NOT NULL DEFAULT 0")];
 
+/// How an added column is filled for the rows that exist when it is added,
+/// as `(table, column, statement)`. A message edited before edit versions
+/// existed holds an edit as new as its `updated_at` (set by MySQL's clock
+/// when that edit was applied, at or after the writer received it): its
+/// `edit_version` becomes `updated_at` in microseconds, so an edit still
+/// in flight from before the upgrade (in a delay tier or a `.dlq`, received
+/// before that) cannot overwrite it. Rows never edited keep 0.
+const FILL_ADDED: &[(&str, &str, &str)] = &[(
+    "messages",
+    "edit_version",
+    "UPDATE messages SET edit_version = \
+     CAST(TIMESTAMPDIFF(MICROSECOND, '1970-01-01', updated_at) AS SIGNED) \
+     WHERE updated_at > created_at",
+)];
+
 /// Adds `column` to `table` unless `information_schema` lists it already
 /// (`ADD COLUMN IF NOT EXISTS` is MariaDB only). The column goes last, so
 /// MySQL 8 adds it in place (`ALGORITHM=INSTANT`) and MariaDB without a
-/// table copy.
+/// table copy; then fills it for existing rows ([`FILL_ADDED`]), once.
 async fn add_column_if_missing(
     conn: &mut Conn,
     db: &str,
@@ -90,6 +105,16 @@ async fn add_column_if_missing(
     q.push_str(definition);
     conn.query_drop(q).await?;
     log::info!("migrate: added column {table}.{column} ({definition})");
+    if let Some(fill) = FILL_ADDED
+        .iter()
+        .find(|(t, c, _)| *t == table && *c == column)
+    {
+        conn.query_drop(fill.2).await?;
+        log::info!(
+            "migrate: {table}.{column} set for {} existing rows",
+            conn.affected_rows()
+        );
+    }
     Ok(())
 }
 

@@ -429,7 +429,8 @@ impl Store {
     /// increases on every applied update, identical body or not.
     /// Several updates of one row in a batch: the highest version wins (on
     /// a tie the last delivered); the others are `Superseded` when their
-    /// version is lower, else share its outcome. Returns one [`Outcome`]
+    /// version is lower, else share its outcome; if MySQL refuses the
+    /// winner's value, the next newest is tried on its own. Returns one [`Outcome`]
     /// per input (`Stored`, `Superseded`, `RowMissing` or `Rejected`) and
     /// the rows found, as stored after the batch (superseded ones too, so
     /// their document follows the row).
@@ -439,52 +440,70 @@ impl Store {
         &self,
         items: &[(&UpdateMessage, Micros)],
     ) -> Result<(Vec<Outcome>, Vec<MessageRow>), mysql_async::Error> {
-        // The newest of each key wins; on a tie, the last delivered.
-        let mut best: HashMap<(i64, i32), usize> = HashMap::with_capacity(items.len());
-        for (i, (u, v)) in items.iter().enumerate() {
-            best.entry((u.chat_id, u.number))
-                .and_modify(|b| {
-                    if *v >= items[*b].1 {
-                        *b = i;
-                    }
-                })
-                .or_insert(i);
-        }
-        let winners: Vec<(&UpdateMessage, Micros)> = items
-            .iter()
-            .enumerate()
-            .filter(|(i, (u, _))| best[&(u.chat_id, u.number)] == *i)
-            .map(|(_, w)| *w)
-            .collect();
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; items.len()];
         let mut rows = Vec::new();
-        let rows_ref = std::cell::RefCell::new(&mut rows);
-        let size = |i: usize| sql_bytes(&[&winners[i].0.body]);
-        let winner_outcomes = isolate(winners.len(), size, |r| {
-            let rows_ref = &rows_ref;
-            let slice = &winners[r];
-            Box::pin(Compat::new(async move {
-                let (o, mut got) = self.try_update_messages(slice).await?;
-                rows_ref.borrow_mut().append(&mut got);
-                Ok(o)
-            }))
-        })
-        .await?;
-        let by_key: HashMap<(i64, i32), (Micros, &Outcome)> = winners
-            .iter()
-            .zip(&winner_outcomes)
-            .map(|((u, v), o)| ((u.chat_id, u.number), (*v, o)))
-            .collect();
-        let outcomes = items
-            .iter()
-            .map(|(u, v)| {
-                let (winner_version, o) = by_key[&(u.chat_id, u.number)];
-                match o {
-                    Outcome::Stored | Outcome::Superseded if *v < winner_version => {
-                        Outcome::Superseded
-                    }
-                    o => o.clone(),
-                }
+        // Rounds: the newest edit of each message is written; when MySQL
+        // refuses it, the next newest of that message gets its own turn
+        // (it is not to blame for the newer one's value).
+        let mut left: Vec<usize> = (0..items.len()).collect();
+        while !left.is_empty() {
+            // The newest of each key wins; on a tie, the last delivered.
+            let mut best: HashMap<(i64, i32), usize> = HashMap::with_capacity(left.len());
+            for &i in &left {
+                let (u, v) = items[i];
+                best.entry((u.chat_id, u.number))
+                    .and_modify(|b| {
+                        if v >= items[*b].1 {
+                            *b = i;
+                        }
+                    })
+                    .or_insert(i);
+            }
+            let winners: Vec<usize> = left
+                .iter()
+                .copied()
+                .filter(|&i| best[&(items[i].0.chat_id, items[i].0.number)] == i)
+                .collect();
+            let is_winner: HashSet<usize> = winners.iter().copied().collect();
+            let slice: Vec<(&UpdateMessage, Micros)> = winners.iter().map(|&i| items[i]).collect();
+            let rows_ref = std::cell::RefCell::new(&mut rows);
+            let size = |i: usize| sql_bytes(&[&slice[i].0.body]);
+            let winner_outcomes = isolate(slice.len(), size, |r| {
+                let rows_ref = &rows_ref;
+                let part = &slice[r];
+                Box::pin(Compat::new(async move {
+                    let (o, mut got) = self.try_update_messages(part).await?;
+                    rows_ref.borrow_mut().append(&mut got);
+                    Ok(o)
+                }))
             })
+            .await?;
+            let by_key: HashMap<(i64, i32), (Micros, &Outcome)> = winners
+                .iter()
+                .zip(&winner_outcomes)
+                .map(|(&i, o)| ((items[i].0.chat_id, items[i].0.number), (items[i].1, o)))
+                .collect();
+            let mut next = Vec::new();
+            for &i in &left {
+                let (u, v) = items[i];
+                let (winner_version, o) = by_key[&(u.chat_id, u.number)];
+                outcomes[i] = match o {
+                    _ if is_winner.contains(&i) => Some(o.clone()),
+                    Outcome::Rejected(_) => {
+                        next.push(i);
+                        None
+                    }
+                    Outcome::Stored | Outcome::Superseded if v < winner_version => {
+                        Some(Outcome::Superseded)
+                    }
+                    o => Some(o.clone()),
+                };
+            }
+            left = next;
+        }
+        let outcomes = outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or(Outcome::RowMissing))
             .collect();
         Ok((outcomes, rows))
     }

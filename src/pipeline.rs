@@ -18,8 +18,9 @@
 //! 5. ack the batch with one `multiple` ack.
 //!
 //! Steps 3–5 of one batch overlap steps 1–2 of the next (see [`run`]). If
-//! shutdown comes while step 2 is still retrying, the batch is left unacked
-//! and returns to the queue when the channel closes.
+//! shutdown comes while step 2 is still retrying, the batch is parked, with
+//! whatever was received but not taken ([`park_on_shutdown`]); if that
+//! fails it returns to the queue when the channel closes.
 //!
 //! Parking. A quorum queue counts how often it returned a message to the
 //! queue (a channel or connection closed with it unacked, a consumer
@@ -29,9 +30,10 @@
 //! limit (a policy may set it), so it never lets a count grow: it never
 //! returns a delivery itself (a consumer that gives its deliveries back
 //! republishes them), and a delivery that arrives with an
-//! `x-delivery-count` of 1 or more is not processed but *parked*: republished to its own queue,
-//! confirmed, without the broker's count headers (a fresh message, count
-//! 0) and acked. Every copy of an edit carries its version, so parking
+//! `x-delivery-count` of 1 or more is not processed but *parked*:
+//! republished to its own queue, confirmed, without the broker's count
+//! headers (a fresh message, count 0), before the rest of its batch is
+//! written, and acked with the batch. Every copy of an edit carries its version, so parking
 //! never changes which edit wins.
 
 use crate::amqp::consumer::BatchConsumer;

@@ -19,7 +19,7 @@
 //!
 //! Steps 3–5 of one batch overlap steps 1–2 of the next (see [`run`]). If
 //! shutdown comes while step 2 is still retrying, the batch is parked, with
-//! whatever was received but not taken ([`park_on_shutdown`]); if that
+//! whatever was received but not taken (`park_on_shutdown`); if that
 //! fails it returns to the queue when the channel closes.
 //!
 //! Parking. A quorum queue counts how often it returned a message to the

@@ -119,7 +119,7 @@ async fn add_column_if_missing(
 }
 
 /// Creates DATABASE_NAME (if missing) and the three tables (if missing),
-/// then adds the [`ADDED_COLUMNS`] a table created earlier lacks.
+/// then adds the `ADDED_COLUMNS` a table created earlier lacks.
 ///
 /// Errors: any MySQL error, unclassified (the caller exits 1).
 pub async fn migrate(cfg: &Config) -> Result<(), mysql_async::Error> {

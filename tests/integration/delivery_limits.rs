@@ -23,7 +23,8 @@ use crate::common::load::{
 };
 use crate::common::metrics::QueueCounters;
 use crate::common::{
-    assert_indexed, free_port, wait_for, TestEnv, Writer, APP_ID, CHAT_ID, TOKEN, WORK_QUEUES,
+    assert_indexed, free_port, wait_for, wait_until, TestEnv, Writer, APP_ID, CHAT_ID, TOKEN,
+    WORK_QUEUES,
 };
 use crate::consumers::T1;
 
@@ -407,6 +408,331 @@ fn a_returned_delivery_is_parked_not_dropped() {
         assert!(c.balanced(), "{c:?}");
         assert_eq!(env.dead_and_retrying(), (0, 0), "{:?}", env.list_queues());
         w.stop();
+        amqp.close().await;
+    });
+}
+
+/// Waits until `queue` has `n` consumers (a passive declare).
+async fn wait_queue_consumers(env: &TestEnv, queue: &str, n: u32, timeout: Duration) {
+    let amqp = env.amqp().await;
+    let a = &amqp;
+    wait_for(
+        &format!("{n} consumer(s) on {queue}"),
+        timeout,
+        POLL,
+        move || async move {
+            match a.queue_info(queue).await {
+                Some((_, c)) if c == n => Ok(()),
+                other => Err(format!("(ready, consumers) {other:?}")),
+            }
+        },
+    )
+    .await;
+    amqp.close().await;
+}
+
+/// Waits until `queue` holds no message, ready or unacked.
+async fn wait_drained(env: &TestEnv, queue: &str, timeout: Duration) {
+    wait_for(
+        &format!("{queue} empty (ready 0, unacked 0)"),
+        timeout,
+        Duration::from_millis(200),
+        move || async move {
+            match env.queue_stats(queue) {
+                Some((0, 0, c)) => Ok(c),
+                other => Err(format!("(ready, unacked, consumers) {other:?}")),
+            }
+        },
+    )
+    .await;
+}
+
+/// Publishes creates `numbers` of the seeded chat on the harness's own
+/// connection, each confirmed.
+async fn publish_creates(env: &TestEnv, numbers: std::ops::RangeInclusive<i64>) {
+    let items: Vec<Item> = numbers
+        .map(|n| create_message(CHAT_ID, TOKEN, 1, n, &body_of(CHAT_ID, n)))
+        .collect();
+    let n = items.len();
+    let published = Publisher::spawn(env, items, 0).join();
+    assert_eq!(published, n);
+}
+
+/// A writer that cannot reach MySQL (MYSQL_REQUEUE_AFTER 1 h) on a quorum
+/// `create_messages` with `x-delivery-limit` = 1 holds a batch of 200
+/// creates; the broker closes its connections three times, 4 s apart.
+/// After the first close its batches mix deliveries the broker returned
+/// (`x-delivery-count` 1) with fresh ones; the returned ones are parked as
+/// soon as they are taken, not when the batch is finally written, so the
+/// next close, while the batch still waits for MySQL, cannot make the
+/// broker drop them. When MySQL is back every create is stored once.
+#[test]
+fn returned_deliveries_in_a_batch_waiting_for_mysql_are_parked_at_once() {
+    const QUEUE: &str = "create_messages";
+    const N: i64 = 200;
+    let env = TestEnv::new("returned_in_waiting_batch");
+    smol::block_on(async {
+        env.migrate_and_seed().await;
+        let amqp = env.amqp().await;
+        amqp.declare_quorum(QUEUE, Some(1)).await;
+        let mysql = Proxy::start("127.0.0.1:3306".parse().expect("address"));
+        let mysql_port = mysql.port.to_string();
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut w = env.start_writer(&[
+            ("HTTP_ADDR", addr.as_str()),
+            ("DATABASE_PORT", mysql_port.as_str()),
+            ("MYSQL_REQUEUE_AFTER", "1h"),
+            ("RABBITMQ_PREFETCH_COUNT", "64"),
+        ]);
+        env.wait_consuming(&mut w).await;
+        mysql.pause();
+        publish_creates(&env, 1..=N).await;
+        let a = addr.as_str();
+        wait_until(
+            "the writer took creates and failed to write them",
+            Duration::from_secs(20),
+            POLL,
+            move || async move {
+                let c = QueueCounters::scrape(a, QUEUE);
+                c.received >= 1 && c.write_errors >= 1
+            },
+        )
+        .await;
+        for k in 1..=3 {
+            smol::Timer::after(Duration::from_secs(4)).await;
+            w.assert_running();
+            let before = QueueCounters::scrape(a, QUEUE);
+            let n = close_writer_connections(&env.vhost, "test: broker closes connections");
+            assert!(n >= 1, "close {k}: no writer connection to close");
+            // The writer consumes again and takes deliveries again.
+            wait_queue_consumers(&env, QUEUE, 1, Duration::from_secs(20)).await;
+            let c = wait_for(
+                &format!("close {k}: the writer takes deliveries again"),
+                Duration::from_secs(20),
+                POLL,
+                move || async move {
+                    let c = QueueCounters::scrape(a, QUEUE);
+                    if c.received > before.received {
+                        Ok(c)
+                    } else {
+                        Err(format!("{c:?}"))
+                    }
+                },
+            )
+            .await;
+            eprintln!(
+                "[returned_in_waiting_batch] after close {k}: {QUEUE} {:?}, counters {c:?}",
+                env.queue_stats(QUEUE)
+            );
+        }
+        smol::Timer::after(Duration::from_secs(2)).await;
+        mysql.resume();
+
+        let e = &env;
+        let settled = wait_for(
+            &format!("{N} rows and {QUEUE} empty"),
+            Duration::from_secs(30),
+            Duration::from_millis(300),
+            move || async move {
+                let rows = e.db.count("messages", "1 = 1").await;
+                let q = e.queue_stats(QUEUE);
+                if rows == N && matches!(q, Some((0, 0, _))) {
+                    Ok(rows)
+                } else {
+                    Err(format!(
+                        "rows {rows}; {QUEUE} (ready, unacked, consumers) {q:?}"
+                    ))
+                }
+            },
+        )
+        .await;
+        let c = QueueCounters::scrape(a, QUEUE);
+        eprintln!("[returned_in_waiting_batch] rows {settled}; final {QUEUE} counters {c:?}");
+        let keys: Vec<(i64, i64)> = env
+            .db
+            .query("SELECT COUNT(*), COUNT(DISTINCT chat_id, number) FROM messages")
+            .await;
+        assert_eq!(keys, vec![(N, N)], "rows, distinct keys");
+        assert_eq!(
+            env.db.message_numbers(CHAT_ID).await,
+            (1..=N).collect::<Vec<i64>>()
+        );
+        assert!(c.parked >= 1, "no delivery was parked: {c:?}");
+        assert_eq!(c.dead_lettered, 0, "{c:?}");
+        assert_eq!(env.dead_and_retrying(), (0, 0), "{:?}", env.list_queues());
+        w.stop();
+        amqp.close().await;
+    });
+}
+
+/// `create_messages` a quorum queue with `x-delivery-limit` = 0 (the broker
+/// drops a delivery at its first return) and a backlog of 3,000 creates;
+/// the writer (prefetch 256, indexing off) is stopped with SIGTERM while it
+/// works through them. What its consumer holds but has not stored is
+/// parked, not returned by the channel's close, so a second writer stores
+/// the rest: 3,000 rows, each once.
+#[test]
+fn sigterm_at_a_delivery_limit_of_0_loses_nothing() {
+    const QUEUE: &str = "create_messages";
+    const N: i64 = 3_000;
+    let env = TestEnv::new("sigterm_limit_0");
+    smol::block_on(async {
+        env.migrate_and_seed().await;
+        let amqp = env.amqp().await;
+        amqp.declare_quorum(QUEUE, Some(0)).await;
+        publish_creates(&env, 1..=N).await;
+        let writer = |env: &TestEnv| {
+            let addr = format!("127.0.0.1:{}", free_port());
+            let w = env.start_writer(&[
+                ("HTTP_ADDR", addr.as_str()),
+                ("ELASTICSEARCH_URL", ""),
+                ("RABBITMQ_PREFETCH_COUNT", "256"),
+            ]);
+            (w, addr)
+        };
+        let (mut w1, addr1) = writer(&env);
+        let e = &env;
+        wait_until(
+            "300 rows stored",
+            Duration::from_secs(30),
+            Duration::from_millis(10),
+            move || async move { e.db.count("messages", "1 = 1").await >= 300 },
+        )
+        .await;
+        let c1_before = QueueCounters::scrape(&addr1, QUEUE);
+        let exit = w1.stop();
+        let rows_at_stop = env.db.count("messages", "1 = 1").await;
+        eprintln!(
+            "[sigterm_limit_0] SIGTERM at {} stored (counters {c1_before:?}), exit {exit:?}; \
+             {rows_at_stop} rows after",
+            c1_before.stored
+        );
+        assert!(
+            rows_at_stop < N,
+            "the writer stored all {N} before SIGTERM: nothing was held at the stop"
+        );
+        let log = w1.log();
+        assert!(
+            !log.contains("they return to the queue with the channel"),
+            "the first writer could not park what it held:\n{}",
+            w1.log_tail(40)
+        );
+
+        let (mut w2, addr2) = writer(&env);
+        wait_for(
+            &format!("{N} rows"),
+            Duration::from_secs(40),
+            Duration::from_millis(200),
+            move || async move {
+                let rows = e.db.count("messages", "1 = 1").await;
+                if rows >= N {
+                    Ok(())
+                } else {
+                    Err(format!("{rows} rows; {QUEUE} {:?}", e.queue_stats(QUEUE)))
+                }
+            },
+        )
+        .await;
+        wait_drained(&env, QUEUE, Duration::from_secs(20)).await;
+        let c2 = QueueCounters::scrape(&addr2, QUEUE);
+        eprintln!("[sigterm_limit_0] second writer {QUEUE} counters {c2:?}");
+        let keys: Vec<(i64, i64)> = env
+            .db
+            .query("SELECT COUNT(*), COUNT(DISTINCT chat_id, number) FROM messages")
+            .await;
+        assert_eq!(keys, vec![(N, N)], "rows, distinct keys");
+        assert_eq!(
+            env.db.message_numbers(CHAT_ID).await,
+            (1..=N).collect::<Vec<i64>>()
+        );
+        assert_eq!(env.dead_and_retrying(), (0, 0), "{:?}", env.list_queues());
+        assert_eq!(c2.dead_lettered, 0, "{c2:?}");
+        w2.stop();
+        amqp.close().await;
+    });
+}
+
+/// The index queue `chat_writer.index` a quorum queue with
+/// `x-delivery-limit` = 0; Elasticsearch unreachable (a proxy, paused)
+/// while 30 creates are stored, so the indexer holds their index messages.
+/// On SIGTERM the indexer parks them instead of letting the channel's
+/// close return them (the broker would drop them); with Elasticsearch
+/// back, the next writer indexes all 30 documents.
+#[test]
+fn sigterm_parks_index_messages_at_a_delivery_limit_of_0() {
+    const INDEX_QUEUE: &str = "chat_writer.index";
+    const N: i64 = 30;
+    let env = TestEnv::new("sigterm_index_limit_0");
+    smol::block_on(async {
+        env.migrate_and_seed().await;
+        let amqp = env.amqp().await;
+        amqp.declare_quorum(INDEX_QUEUE, Some(0)).await;
+        amqp.declare_work_queues().await;
+        let es = Proxy::start(
+            env.es_url
+                .trim_start_matches("http://")
+                .parse::<std::net::SocketAddr>()
+                .expect("ES address"),
+        );
+        let es_url = format!("http://127.0.0.1:{}", es.port);
+        let writer = |env: &TestEnv| {
+            let addr = format!("127.0.0.1:{}", free_port());
+            env.start_writer(&[
+                ("HTTP_ADDR", addr.as_str()),
+                ("ELASTICSEARCH_URL", es_url.as_str()),
+            ])
+        };
+        let mut w1 = writer(&env);
+        env.wait_consuming(&mut w1).await;
+        let e = &env;
+        wait_until(
+            "index created and backfilled",
+            Duration::from_secs(20),
+            POLL,
+            move || async move { e.es.backfilled().await == Some(true) },
+        )
+        .await;
+
+        es.pause();
+        publish_creates(&env, 1..=N).await;
+        wait_until(
+            &format!("{N} rows"),
+            Duration::from_secs(20),
+            POLL,
+            move || async move { e.db.count("messages", "1 = 1").await == N },
+        )
+        .await;
+        let held = wait_for(
+            "the indexer holds the index messages",
+            Duration::from_secs(20),
+            POLL,
+            move || async move {
+                match e.queue_stats(INDEX_QUEUE) {
+                    Some((0, u, 1)) if u >= 1 => Ok(u),
+                    other => Err(format!("(ready, unacked, consumers) {other:?}")),
+                }
+            },
+        )
+        .await;
+        w1.stop();
+        eprintln!("[sigterm_index_limit_0] {held} index message(s) held at SIGTERM");
+        assert_eq!(
+            env.es.count().await,
+            Some(0),
+            "documents indexed while Elasticsearch was cut"
+        );
+
+        es.resume();
+        let mut w2 = writer(&env);
+        let rows = crate::common::load::all_messages(&env).await;
+        assert_eq!(rows.len(), N as usize);
+        let indexed = wait_indexed(&env.es, &rows, Duration::from_secs(30)).await;
+        assert_eq!(indexed, N as usize);
+        assert_eq!(env.es.count().await, Some(N as u64));
+        env.wait_queue_empty(INDEX_QUEUE, Duration::from_secs(20))
+            .await;
+        assert_eq!(env.dead_and_retrying(), (0, 0), "{:?}", env.list_queues());
+        w2.stop();
         amqp.close().await;
     });
 }

@@ -588,8 +588,8 @@ fn an_edit_given_back_by_a_replica_without_mysql_is_superseded() {
 
 /// `chat-writer migrate` on a database made before `messages.edit_version`
 /// existed: the column is added (BIGINT NOT NULL DEFAULT 0), the old rows
-/// kept with version 0; a second migrate changes nothing; the writer then
-/// applies an edit to an old row.
+/// kept (an edited one gets its updated_at as version); a second migrate
+/// changes nothing; the writer then applies an edit to an old row.
 #[test]
 fn migrate_adds_edit_version_to_an_existing_table() {
     let env = TestEnv::new("migrate_edit_version");
@@ -655,7 +655,9 @@ fn migrate_adds_edit_version_to_an_existing_table() {
             Some(&old),
             "migrate changed the old row"
         );
-        assert_eq!(edit_version(&env, 1).await, 0);
+        // Edited before the upgrade (updated_at after created_at): its
+        // version is its updated_at.
+        assert_eq!(edit_version(&env, 1).await, old.updated_us);
         env.migrate();
         assert_eq!(
             columns(&env).await,
@@ -768,6 +770,312 @@ fn a_malformed_edit_version_header_is_dead_lettered() {
             }
         );
         assert_eq!(env.dead_and_retrying(), (0, 0), "{:?}", env.list_queues());
+        w.stop();
+        amqp.close().await;
+    });
+}
+
+/// Inserts message `number` of the seeded chat directly (not through the
+/// writer), with `created_at` / `updated_at` as MySQL DATETIME(6) text.
+async fn insert_message(env: &TestEnv, number: i64, body: &str, created: &str, updated: &str) {
+    env.db
+        .exec_params(
+            "INSERT INTO messages (chat_id, token, chat_number, number, body, creator_id, \
+             created_at, updated_at) VALUES (?, ?, 1, ?, ?, 4, ?, ?)",
+            mysql_async::Params::Positional(vec![
+                CHAT_ID.into(),
+                TOKEN.into(),
+                number.into(),
+                body.into(),
+                created.into(),
+                updated.into(),
+            ]),
+        )
+        .await
+}
+
+/// Replica A cannot reach MySQL: it takes a filler edit of message 2 (a
+/// batch of 1, retried in place) and then receives edit "old" of message 1,
+/// which it holds unacked without taking it (prefetch 2). Replica B applies
+/// edit "new" of message 1 meanwhile. After MYSQL_REQUEUE_AFTER replica A
+/// gives both back: "old" carries the time it arrived at A, not the time
+/// of the give-back, so replica B finds it older than "new": superseded.
+#[test]
+fn an_edit_received_but_not_taken_keeps_its_arrival_time_when_given_back() {
+    let env = TestEnv::new("edit_held_not_taken");
+    smol::block_on(async {
+        env.migrate_and_seed().await;
+        let created = "2026-01-01 00:00:00.000000";
+        insert_message(&env, 1, "the original", created, created).await;
+        insert_message(&env, 2, "the second", created, created).await;
+        let amqp = env.amqp().await;
+        amqp.declare_work_queues().await;
+        let mysql = Proxy::start("127.0.0.1:3306".parse().expect("address"));
+        let mysql_port = mysql.port.to_string();
+        let (addr_a, addr_b) = (
+            format!("127.0.0.1:{}", free_port()),
+            format!("127.0.0.1:{}", free_port()),
+        );
+        // A gives back after 6 s of failures: time for B to start and
+        // apply "new" first.
+        let mut a = env.start_writer(&[
+            ("HTTP_ADDR", addr_a.as_str()),
+            ("DATABASE_PORT", mysql_port.as_str()),
+            ("RABBITMQ_PREFETCH_COUNT", "2"),
+            ("MYSQL_REQUEUE_AFTER", "6s"),
+        ]);
+        env.wait_consuming(&mut a).await;
+        mysql.pause();
+
+        amqp.publish_json(UPDATES, &edit(2, "filler"), None).await;
+        wait_counters(&addr_a, "A took the filler and failed to write it", |c| {
+            c.received == 1 && c.write_errors >= 1
+        })
+        .await;
+        let t_stuck = Instant::now();
+        let t_old = now_us();
+        amqp.publish_json(UPDATES, &edit(1, "old"), None).await;
+        // "old" is held by A (its prefetch window) but not taken.
+        wait_held(&env, UPDATES, 2).await;
+        let c = QueueCounters::scrape(&addr_a, UPDATES);
+        assert_eq!(c.received, 1, "A took \"old\" into a batch: {c:?}");
+
+        let mut b = env.start_writer(&[("HTTP_ADDR", addr_b.as_str())]);
+        wait_consumers(&env, UPDATES, 2).await;
+        amqp.publish_json(UPDATES, &edit(1, "new"), None).await;
+        let row_new = wait_body(&env, 1, "new").await;
+        let new_version = edit_version(&env, 1).await;
+        let c = QueueCounters::scrape(&addr_a, UPDATES);
+        assert_eq!(
+            c.parked,
+            0,
+            "A gave its deliveries back {:.1?} after its batch got stuck, before \"new\" was \
+             applied (a slow machine?): {c:?}",
+            t_stuck.elapsed()
+        );
+        assert!(new_version > t_old, "{new_version} <= {t_old}");
+
+        // A gives "old" and the filler back; B takes them: the filler is
+        // applied, "old" superseded.
+        wait_body(&env, 2, "filler").await;
+        let cb = wait_counters(&addr_b, "B settled \"new\", the filler and \"old\"", |c| {
+            c.received == 3 && c.balanced()
+        })
+        .await;
+        let ca = QueueCounters::scrape(&addr_a, UPDATES);
+        eprintln!(
+            "[edit_held_not_taken] \"new\" version {new_version}; replica A {ca:?}; replica B {cb:?}"
+        );
+        let row = env.db.message(CHAT_ID, 1).await.expect("row");
+        assert_eq!(
+            row.body_str(),
+            "new",
+            "the older edit given back by A overwrote the newer one"
+        );
+        assert_eq!(row, row_new);
+        assert_eq!(edit_version(&env, 1).await, new_version);
+        let doc = assert_indexed(&env, &row).await;
+        assert_eq!(doc["_source"]["body"], "new");
+        assert_eq!(
+            (cb.stored, cb.superseded, cb.dead_lettered, cb.retried),
+            (3, 1, 0, 0),
+            "replica B: \"new\" and the filler applied, \"old\" superseded: {cb:?}"
+        );
+        assert_eq!((ca.parked, ca.requeues), (2, 1), "replica A: {ca:?}");
+        env.wait_queue_empty(UPDATES, WAIT).await;
+        assert_nothing_dead_or_retrying(&env);
+
+        mysql.resume();
+        wait_consumers(&env, UPDATES, 2).await;
+        a.stop();
+        b.stop();
+        amqp.close().await;
+    });
+}
+
+/// Two edits of one message in one batch: "good" (`x-edit-version` 10) and
+/// "poison" (20), which a CHECK constraint refuses. The newest is refused,
+/// so the next newest gets its own try: the row holds "good" (version 10)
+/// and only "poison" is dead-lettered, with the MySQL error.
+#[test]
+fn when_mysql_refuses_the_newest_edit_the_next_newest_is_applied() {
+    let env = TestEnv::new("edit_newest_refused");
+    smol::block_on(async {
+        env.migrate_and_seed().await;
+        env.db
+            .exec("ALTER TABLE messages ADD CONSTRAINT no_poison CHECK (body <> 'poison')")
+            .await;
+        let created = "2026-01-01 00:00:00.000000";
+        insert_message(&env, 1, "the original", created, created).await;
+        let amqp = env.amqp().await;
+        amqp.declare_work_queues().await;
+        // Both queued before the writer starts: it takes them in one batch.
+        for (body, v) in [("good", 10i64), ("poison", 20)] {
+            amqp.publish_with_headers(
+                UPDATES,
+                edit(1, body).to_string().as_bytes(),
+                Some(T1),
+                version_header(AMQPValue::LongLongInt(v)),
+            )
+            .await;
+        }
+        let addr = format!("127.0.0.1:{}", free_port());
+        // A retry would wait here, visible, instead of ending in the .dlq.
+        let mut w = env.start_writer(&[("HTTP_ADDR", addr.as_str()), ("RETRY_DELAYS", "30s")]);
+        let a = addr.as_str();
+        wait_until("/metrics answers", WAIT, POLL, move || async move {
+            crate::common::metrics::http_get(a, "/metrics").is_ok()
+        })
+        .await;
+        let c = wait_counters(&addr, "both edits settled", |c| {
+            c.received == 2 && c.balanced()
+        })
+        .await;
+        let (a, e) = (&amqp, &env);
+        let dead = wait_for(
+            "dead letters in update_messages.dlq",
+            WAIT,
+            Duration::from_millis(100),
+            move || async move {
+                let q = e.list_queues();
+                match q.get("update_messages.dlq") {
+                    Some((n, _)) if *n >= 1 => Ok(a.drain("update_messages.dlq").await),
+                    other => Err(format!("{other:?}; queues {q:?}")),
+                }
+            },
+        )
+        .await;
+        let row = env.db.message(CHAT_ID, 1).await.expect("row");
+        eprintln!(
+            "[edit_newest_refused] row {:?} version {}; update_messages {c:?}; dead letters {:?}",
+            row.body_str(),
+            edit_version(&env, 1).await,
+            dead.iter()
+                .map(|g| (
+                    String::from_utf8_lossy(&g.body).into_owned(),
+                    g.header_str("x-error")
+                ))
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(
+            row.body_str(),
+            "good",
+            "the edit MySQL accepts was not applied"
+        );
+        assert_eq!(edit_version(&env, 1).await, 10);
+        assert_eq!(dead.len(), 1, "only \"poison\" is dead-lettered: {dead:?}");
+        let g = &dead[0];
+        assert_eq!(g.body, edit(1, "poison").to_string().as_bytes());
+        if let Err(p) = check_dead_letter(g, UPDATES, None) {
+            panic!("poison dead letter: {p}");
+        }
+        let err = g.header_str("x-error").unwrap_or_default();
+        assert!(
+            err.contains("4025") || err.contains("no_poison"),
+            "x-error should name the MySQL error (4025 / CONSTRAINT `no_poison`): {err:?}"
+        );
+        assert_eq!(
+            (c.stored, c.dead_lettered, c.superseded, c.retried),
+            (1, 1, 0, 0),
+            "{c:?}"
+        );
+        let doc = assert_indexed(&env, &row).await;
+        assert_eq!(doc["_source"]["body"], "good");
+        assert_eq!(env.dead_and_retrying(), (0, 0), "{:?}", env.list_queues());
+        w.stop();
+        amqp.close().await;
+    });
+}
+
+/// `chat-writer migrate` on a table from before `messages.edit_version`:
+/// a row edited then (updated_at ten minutes after created_at) gets its
+/// updated_at in microseconds as its version, a row never edited keeps 0.
+/// An edit from before the upgrade (AMQP timestamp an hour before that
+/// updated_at, as if it waited in a delay tier) is then superseded; a new
+/// edit is applied.
+#[test]
+fn migrate_sets_the_version_of_rows_edited_before_the_column_existed() {
+    let env = TestEnv::new("migrate_fills_edit_version");
+    smol::block_on(async {
+        crate::common::Db::server()
+            .exec(&format!(
+                "CREATE DATABASE `{}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci",
+                env.db_name
+            ))
+            .await;
+        for t in OLD_TABLES {
+            env.db.exec(t).await;
+        }
+        env.db.seed_app(crate::common::APP_ID, TOKEN, 0).await;
+        env.db
+            .seed_chat(CHAT_ID, crate::common::APP_ID, TOKEN, 1, 2)
+            .await;
+        insert_message(
+            &env,
+            1,
+            "edited before the upgrade",
+            "2026-06-01 12:00:00.000000",
+            "2026-06-01 12:10:00.250000",
+        )
+        .await;
+        insert_message(
+            &env,
+            2,
+            "never edited",
+            "2026-06-01 12:00:00.000000",
+            "2026-06-01 12:00:00.000000",
+        )
+        .await;
+        let edited = env.db.message(CHAT_ID, 1).await.expect("row 1");
+        let untouched = env.db.message(CHAT_ID, 2).await.expect("row 2");
+        assert_eq!(edited.updated_us - edited.created_us, 600_250_000);
+
+        env.migrate();
+        assert_eq!(
+            (edit_version(&env, 1).await, edit_version(&env, 2).await),
+            (edited.updated_us, 0),
+            "edit_version after migrate: the edited row's updated_at in µs ({}), 0 for the other",
+            edited.updated_us
+        );
+        assert_eq!(env.db.message(CHAT_ID, 1).await.as_ref(), Some(&edited));
+        assert_eq!(env.db.message(CHAT_ID, 2).await.as_ref(), Some(&untouched));
+
+        let amqp = env.amqp().await;
+        amqp.declare_work_queues().await;
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut w = env.start_writer(&[("HTTP_ADDR", addr.as_str())]);
+        env.wait_consuming(&mut w).await;
+
+        // Published an hour before the row's edit: superseded.
+        let stale_ts = (edited.updated_us / 1_000_000 - 3600) as u64;
+        amqp.publish_json(UPDATES, &edit(1, "stale edit"), Some(stale_ts))
+            .await;
+        let c = wait_counters(&addr, "the stale edit settled", |c| {
+            c.received == 1 && c.balanced()
+        })
+        .await;
+        let row = env.db.message(CHAT_ID, 1).await.expect("row 1");
+        assert_eq!(
+            row.body_str(),
+            "edited before the upgrade",
+            "an edit older than the row's pre-upgrade edit overwrote it ({c:?})"
+        );
+        assert_eq!(row, edited);
+        assert_eq!(edit_version(&env, 1).await, edited.updated_us);
+        assert_eq!((c.stored, c.superseded), (1, 1), "{c:?}");
+
+        // A new edit (no AMQP timestamp, received now): applied.
+        let before = now_us();
+        amqp.publish_json(UPDATES, &edit(1, "new edit"), None).await;
+        let row = wait_body(&env, 1, "new edit").await;
+        let v = edit_version(&env, 1).await;
+        assert!(v >= before && v <= now_us(), "version {v} from {before}");
+        assert!(row.updated_us > edited.updated_us);
+        let doc = assert_indexed(&env, &row).await;
+        assert_eq!(doc["_source"]["body"], "new edit");
+        let c = wait_superseded(&addr, 1).await;
+        assert_eq!((c.received, c.stored), (2, 2), "{c:?}");
+        assert_nothing_dead_or_retrying(&env);
         w.stop();
         amqp.close().await;
     });

@@ -20,6 +20,7 @@
 //!    different seconds are then ordered by publish time whatever happens
 //!    to them later.
 
+use crate::amqp::republish::amqp_integer;
 use crate::payload::Malformed;
 use crate::time::Micros;
 use lapin::types::AMQPValue;
@@ -82,7 +83,7 @@ pub fn edit_version(properties: &BasicProperties, stamp: Micros) -> Result<Micro
         .as_ref()
         .and_then(|h| h.inner().get(EDIT_VERSION_HEADER))
     {
-        return match integer(v) {
+        return match amqp_integer(v) {
             Some(n) if n >= 1 => Ok(n),
             Some(n) => Err(Malformed(format!(
                 "header `{EDIT_VERSION_HEADER}` is {n}, must be >= 1 (microseconds since the Unix epoch)"
@@ -109,19 +110,6 @@ pub fn clamp_to_second(stamp: Micros, timestamp: Option<u64>) -> Micros {
         }
         _ => stamp,
     }
-}
-
-fn integer(v: &AMQPValue) -> Option<i64> {
-    Some(match v {
-        AMQPValue::ShortShortInt(x) => i64::from(*x),
-        AMQPValue::ShortShortUInt(x) => i64::from(*x),
-        AMQPValue::ShortInt(x) => i64::from(*x),
-        AMQPValue::ShortUInt(x) => i64::from(*x),
-        AMQPValue::LongInt(x) => i64::from(*x),
-        AMQPValue::LongUInt(x) => i64::from(*x),
-        AMQPValue::LongLongInt(x) => *x,
-        _ => return None,
-    })
 }
 
 /// The AMQP type of a header value, for error messages.

@@ -136,7 +136,9 @@ fn header<'a>(props: &'a BasicProperties, name: &str) -> Option<&'a AMQPValue> {
     props.headers().as_ref()?.inner().get(name)
 }
 
-fn as_i64(v: &AMQPValue) -> Option<i64> {
+/// An AMQP integer header value of any width as `i64`; `None` for any
+/// other type (a string, a float, a timestamp, …).
+pub fn amqp_integer(v: &AMQPValue) -> Option<i64> {
     Some(match v {
         AMQPValue::ShortShortInt(x) => i64::from(*x),
         AMQPValue::ShortShortUInt(x) => i64::from(*x),
@@ -145,9 +147,16 @@ fn as_i64(v: &AMQPValue) -> Option<i64> {
         AMQPValue::LongInt(x) => i64::from(*x),
         AMQPValue::LongUInt(x) => i64::from(*x),
         AMQPValue::LongLongInt(x) => *x,
-        AMQPValue::Timestamp(x) => *x as i64,
         _ => return None,
     })
+}
+
+/// [`amqp_integer`], also reading a timestamp as its seconds.
+fn as_i64(v: &AMQPValue) -> Option<i64> {
+    match v {
+        AMQPValue::Timestamp(x) => Some(*x as i64),
+        v => amqp_integer(v),
+    }
 }
 
 /// The properties of a retried or dead-lettered copy of a delivery from

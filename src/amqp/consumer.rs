@@ -17,7 +17,8 @@ use crate::shutdown::Shutdown;
 use crate::time::{now_micros, Micros};
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
@@ -65,6 +66,16 @@ pub struct BatchConsumer {
     /// The receive stamps of the last batch's deliveries that came from
     /// `carried`.
     batch_stamps: HashMap<u64, Micros>,
+    /// The highest delivery tag pulled from the stream so far.
+    last_tag: u64,
+    /// Set by a cancel: the highest tag pulled before it. A quorum queue
+    /// may still send deliveries for the cancelled consumer after
+    /// `cancel-ok`; lapin drops those (its consumer is gone), so they stay
+    /// unacked on the channel, invisible, and a later `multiple` ack would
+    /// ack them unprocessed. Their tags are the gap between this one and
+    /// the first delivery of the next consumer: they are handed back then
+    /// ([`BatchConsumer::pulled`]).
+    strays_after: Option<u64>,
     /// A failure seen while filling a batch, reported on the next call.
     failed: Option<String>,
 }
@@ -112,6 +123,8 @@ impl BatchConsumer {
             carried: VecDeque::new(),
             carried_stamps: HashMap::new(),
             batch_stamps: HashMap::new(),
+            last_tag: 0,
+            strays_after: None,
             failed: None,
         })
     }
@@ -202,7 +215,12 @@ impl BatchConsumer {
                 return std::future::pending().await;
             }
             match self.consumer.next().await {
-                Some(Ok(d)) => self.carry(d),
+                Some(Ok(d)) => {
+                    if let Err(e) = self.pulled(d.delivery_tag).await {
+                        self.failed = Some(e);
+                    }
+                    self.carry(d)
+                }
                 Some(Err(e)) => self.failed = Some(format!("consumer of {}: {e}", self.queue)),
                 None => {
                     self.failed = Some(format!(
@@ -212,6 +230,44 @@ impl BatchConsumer {
                 }
             }
         }
+    }
+
+    /// Notes that delivery `tag` came from the stream. The first one after
+    /// a cancel reveals the deliveries the broker sent the cancelled
+    /// consumer (see `strays_after`): each tag between is handed back with
+    /// `basic.nack` (requeue, one by one; a nack, not a reject, which
+    /// RabbitMQ 4.3 counts as a failed delivery), before anything later is
+    /// acked. A quorum queue counts that return; the delivery is parked
+    /// when it comes back.
+    ///
+    /// Errors: the channel is gone.
+    async fn pulled(&mut self, tag: u64) -> Result<(), String> {
+        if let Some(after) = self.strays_after.take() {
+            let strays = after + 1..tag;
+            if !strays.is_empty() {
+                log::warn!(
+                    "queue={}: {} deliveries arrived for a cancelled consumer (tags {}..={}); returned to the queue",
+                    self.queue,
+                    strays.end - strays.start,
+                    strays.start,
+                    strays.end - 1
+                );
+            }
+            for t in strays {
+                self.channel
+                    .basic_nack(
+                        t,
+                        BasicNackOptions {
+                            multiple: false,
+                            requeue: true,
+                        },
+                    )
+                    .await
+                    .map_err(|e| format!("basic.nack on {}: {e}", self.queue))?;
+            }
+        }
+        self.last_tag = self.last_tag.max(tag);
+        Ok(())
     }
 
     fn carry(&mut self, d: Delivery) {
@@ -255,8 +311,14 @@ impl BatchConsumer {
             })
             .await;
             match next {
-                Some(Some(Ok(d))) => self.carry(d),
-                Some(None) => return Ok(()),
+                Some(Some(Ok(d))) => {
+                    self.last_tag = self.last_tag.max(d.delivery_tag);
+                    self.carry(d)
+                }
+                Some(None) => {
+                    self.strays_after = Some(self.last_tag);
+                    return Ok(());
+                }
                 Some(Some(Err(e))) => return Err(fail("cancelled consumer", &e)),
                 None => return Err(fail("cancelled consumer", &"no end within 5 s")),
             }
@@ -338,7 +400,10 @@ impl BatchConsumer {
         let first = match self.take_carried() {
             Some(d) => d,
             None => match self.wait_first(shutdown, idle).await? {
-                Ok(d) => d,
+                Ok(d) => {
+                    self.pulled(d.delivery_tag).await?;
+                    d
+                }
                 Err(next) => return Ok(next),
             },
         };
@@ -350,7 +415,14 @@ impl BatchConsumer {
                 continue;
             }
             match smol::future::poll_once(self.consumer.next()).await {
-                Some(Some(Ok(d))) => batch.push(d),
+                Some(Some(Ok(d))) => {
+                    let pulled = self.pulled(d.delivery_tag).await;
+                    batch.push(d);
+                    if let Err(e) = pulled {
+                        self.failed = Some(e);
+                        break;
+                    }
+                }
                 None => break,
                 // Settle what was taken first; report the failure next call.
                 Some(Some(Err(e))) => {

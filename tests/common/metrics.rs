@@ -133,3 +133,24 @@ impl QueueCounters {
             == self.stored + self.retried + self.dead_lettered + self.parked + self.abandoned
     }
 }
+
+/// Waits until the `queue` counters of the writer at `addr` satisfy `ok` (every `poll`); returns them.
+pub async fn wait_queue_counters(
+    addr: &str,
+    queue: &str,
+    what: &str,
+    timeout: Duration,
+    poll: Duration,
+    ok: impl Fn(&QueueCounters) -> bool,
+) -> QueueCounters {
+    let ok = &ok;
+    super::wait_for(what, timeout, poll, move || async move {
+        let c = QueueCounters::scrape(addr, queue);
+        if ok(&c) {
+            Ok(c)
+        } else {
+            Err(format!("{c:?}"))
+        }
+    })
+    .await
+}

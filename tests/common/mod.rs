@@ -400,6 +400,105 @@ impl TestEnv {
     }
 }
 
+/// A pausable proxy to the test MySQL (127.0.0.1:3306).
+pub fn mysql_proxy() -> faults::Proxy {
+    faults::Proxy::start("127.0.0.1:3306".parse().expect("address"))
+}
+
+impl TestEnv {
+    /// Starts the service on a free HTTP address, with `extra`; returns it and that address.
+    pub fn start_writer_at(&self, extra: &[(&str, &str)]) -> (Writer, String) {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut vars = vec![("HTTP_ADDR", addr.as_str())];
+        vars.extend_from_slice(extra);
+        (self.start_writer(&vars), addr)
+    }
+
+    /// A writer on a free HTTP address, with `extra`, once it consumes every work queue.
+    pub async fn consuming_writer(&self, extra: &[(&str, &str)]) -> (Writer, String) {
+        let (mut w, addr) = self.start_writer_at(extra);
+        self.wait_consuming(&mut w).await;
+        (w, addr)
+    }
+
+    /// A consuming writer whose MySQL goes through a pausable proxy, with that proxy and its HTTP address.
+    pub async fn consuming_writer_behind_proxy(
+        &self,
+        prefetch: &str,
+        requeue_after: &str,
+    ) -> (faults::Proxy, Writer, String) {
+        let mysql = mysql_proxy();
+        let port = mysql.port.to_string();
+        let (w, addr) = self
+            .consuming_writer(&[
+                ("DATABASE_PORT", port.as_str()),
+                ("RABBITMQ_PREFETCH_COUNT", prefetch),
+                ("MYSQL_REQUEUE_AFTER", requeue_after),
+            ])
+            .await;
+        (mysql, w, addr)
+    }
+
+    /// Waits until every queue of `queues` has `n` consumers (passive declares, every `poll`).
+    pub async fn wait_queue_consumers(
+        &self,
+        queues: &[&str],
+        n: u32,
+        timeout: Duration,
+        poll: Duration,
+    ) {
+        let amqp = self.amqp().await;
+        let a = &amqp;
+        wait_for(
+            &format!("{n} consumer(s) on {queues:?}"),
+            timeout,
+            poll,
+            move || async move {
+                let mut seen = Vec::new();
+                for q in queues {
+                    seen.push(a.queue_info(q).await);
+                }
+                if seen.iter().all(|i| i.map(|i| i.1) == Some(n)) {
+                    Ok(())
+                } else {
+                    Err(format!("(ready, consumers) {seen:?}"))
+                }
+            },
+        )
+        .await;
+        amqp.close().await;
+    }
+
+    /// Waits until `(ready, unacked, consumers)` of `queue` satisfies `ok`; returns it.
+    pub async fn wait_queue_stats(
+        &self,
+        queue: &str,
+        what: &str,
+        timeout: Duration,
+        poll: Duration,
+        ok: impl Fn((u64, u64, u64)) -> bool,
+    ) -> (u64, u64, u64) {
+        let ok = &ok;
+        wait_for(what, timeout, poll, move || async move {
+            match self.queue_stats(queue) {
+                Some(s) if ok(s) => Ok(s),
+                other => Err(format!("(ready, unacked, consumers) {other:?}")),
+            }
+        })
+        .await
+    }
+
+    /// Nothing in a `.dlq`, nothing left in a delay tier.
+    pub fn assert_nothing_dead_or_retrying(&self) {
+        assert_eq!(
+            self.dead_and_retrying(),
+            (0, 0),
+            "(dead letters, in delay tiers): queues {:?}",
+            self.list_queues()
+        );
+    }
+}
+
 impl Drop for TestEnv {
     fn drop(&mut self) {
         // Run the async clean-up on its own thread: Drop may run inside a

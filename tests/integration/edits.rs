@@ -15,18 +15,18 @@ use std::time::{Duration, Instant};
 use lapin::types::{AMQPValue, FieldTable};
 use serde_json::json;
 
-use crate::common::faults::Proxy;
-use crate::common::metrics::QueueCounters;
+use crate::common::metrics::{wait_queue_counters, QueueCounters};
 use crate::common::time::now_us;
 use crate::common::{
-    assert_indexed, check_dead_letter, free_port, wait_for, wait_until, MessageRow, TestEnv,
-    CHAT_ID, TOKEN,
+    assert_indexed, check_dead_letter, wait_for, wait_until, Amqp, Db, Got, MessageRow, TestEnv,
+    Writer, APP_ID, CHAT_ID, TOKEN,
 };
 use crate::consumers::T1;
 
 const WAIT: Duration = Duration::from_secs(20);
 const POLL: Duration = Duration::from_millis(50);
 const UPDATES: &str = "update_messages";
+const UPDATES_DLQ: &str = "update_messages.dlq";
 
 /// A `create_messages` payload of message `number` of the seeded chat.
 fn create(number: i64, body: &str) -> serde_json::Value {
@@ -40,11 +40,32 @@ fn edit(number: i64, body: &str) -> serde_json::Value {
            "body": body})
 }
 
-/// Headers holding `x-edit-version` = `v`.
-fn version_header(v: AMQPValue) -> FieldTable {
-    let mut h = FieldTable::default();
-    h.insert("x-edit-version".into(), v);
-    h
+/// Migrates and seeds, then declares the work queues on a harness connection (returned).
+async fn seeded_with_work_queues(env: &TestEnv) -> Amqp {
+    env.migrate_and_seed().await;
+    let amqp = env.amqp().await;
+    amqp.declare_work_queues().await;
+    amqp
+}
+
+/// Publishes the create of message 1 ("the original") and waits for its row.
+async fn create_original(env: &TestEnv, amqp: &Amqp) -> MessageRow {
+    amqp.publish_json("create_messages", &create(1, "the original"), Some(T1))
+        .await;
+    wait_body(env, 1, "the original").await
+}
+
+/// Publishes edit `body` of message 1 (AMQP timestamp T1) with `x-edit-version` = `v`.
+async fn publish_versioned(amqp: &Amqp, body: &str, v: AMQPValue) {
+    let mut headers = FieldTable::default();
+    headers.insert("x-edit-version".into(), v);
+    amqp.publish_with_headers(
+        UPDATES,
+        edit(1, body).to_string().as_bytes(),
+        Some(T1),
+        headers,
+    )
+    .await
 }
 
 /// Waits until message `number` of the seeded chat holds `body`.
@@ -63,6 +84,7 @@ async fn wait_body(env: &TestEnv, number: i64, body: &str) -> MessageRow {
     .await
 }
 
+/// The `edit_version` of the row of message `number` of the seeded chat.
 async fn edit_version(env: &TestEnv, number: i64) -> i64 {
     env.db
         .edit_version(CHAT_ID, number)
@@ -70,86 +92,83 @@ async fn edit_version(env: &TestEnv, number: i64) -> i64 {
         .unwrap_or_else(|| panic!("no row for message {number}"))
 }
 
-/// Waits until the writer at `addr` counts `n` superseded updates.
-async fn wait_superseded(addr: &str, n: u64) -> QueueCounters {
-    wait_for(
-        &format!("{n} superseded update(s) on {addr}"),
-        WAIT,
-        POLL,
-        move || async move {
-            let c = QueueCounters::scrape(addr, UPDATES);
-            if c.superseded == n {
-                Ok(c)
-            } else {
-                Err(format!("{c:?}"))
-            }
-        },
-    )
-    .await
+/// Asserts that message 1 is still `kept` (else `why`), holding `body` at `version`, as is its document.
+async fn assert_holds(env: &TestEnv, kept: &MessageRow, body: &str, version: i64, why: &str) {
+    let row = env.db.message(CHAT_ID, 1).await.expect("row");
+    assert_eq!(row, *kept, "{why}");
+    assert_eq!(row.body_str(), body);
+    assert_eq!(edit_version(env, 1).await, version);
+    let doc = assert_indexed(env, &row).await;
+    assert_eq!(doc["_source"]["body"], body);
 }
 
-/// Waits until the `update_messages` counters of the writer at `addr`
-/// satisfy `ok`.
+/// Waits until the `update_messages` counters of the writer at `addr` satisfy `ok`.
 async fn wait_counters(
     addr: &str,
     what: &str,
     ok: impl Fn(&QueueCounters) -> bool,
 ) -> QueueCounters {
-    let ok = &ok;
-    wait_for(what, WAIT, POLL, move || async move {
-        let c = QueueCounters::scrape(addr, UPDATES);
-        if ok(&c) {
-            Ok(c)
-        } else {
-            Err(format!("{c:?}"))
-        }
+    wait_queue_counters(addr, UPDATES, what, WAIT, POLL, ok).await
+}
+
+/// Waits until the writer at `addr` counts `n` superseded updates.
+async fn wait_superseded(addr: &str, n: u64) -> QueueCounters {
+    wait_counters(addr, &format!("{n} superseded update(s) on {addr}"), |c| {
+        c.superseded == n
     })
     .await
 }
 
-/// Waits until `queue` has `n` consumers (a passive declare: fast).
-async fn wait_consumers(env: &TestEnv, queue: &str, n: u32) {
-    let amqp = env.amqp().await;
-    let a = &amqp;
-    wait_for(
-        &format!("{n} consumer(s) on {queue}"),
+/// Waits until the writer at `addr` counts `n` stored updates.
+async fn wait_stored(addr: &str, n: u64) {
+    wait_counters(addr, &format!("{n} update(s) stored"), |c| c.stored == n).await;
+}
+
+/// Waits until the writer at `addr` took one update and failed to write it.
+async fn wait_write_failed(addr: &str, what: &str) {
+    wait_counters(addr, what, |c| c.received == 1 && c.write_errors >= 1).await;
+}
+
+/// Waits until `update_messages` has `n` consumers.
+async fn wait_consumers(env: &TestEnv, n: u32) {
+    env.wait_queue_consumers(&[UPDATES], n, WAIT, POLL).await;
+}
+
+/// A second writer (MySQL direct) and its HTTP address, once `update_messages` has 2 consumers.
+async fn start_direct_replica(env: &TestEnv) -> (Writer, String) {
+    let started = env.start_writer_at(&[]);
+    wait_consumers(env, 2).await;
+    started
+}
+
+/// Waits until `update_messages` has no ready message and `unacked` unacked ones.
+async fn wait_held(env: &TestEnv, unacked: u64) {
+    env.wait_queue_stats(
+        UPDATES,
+        &format!("{unacked} unacked delivery(ies) held from {UPDATES}"),
         WAIT,
         POLL,
-        move || async move {
-            match a.queue_info(queue).await {
-                Some((_, c)) if c == n => Ok(()),
-                other => Err(format!("(ready, consumers) {other:?}")),
-            }
-        },
+        |(ready, u, _)| ready == 0 && u == unacked,
     )
     .await;
-    amqp.close().await;
 }
 
-/// Waits until `queue` has no ready message and `unacked` unacked ones.
-async fn wait_held(env: &TestEnv, queue: &str, unacked: u64) {
-    wait_for(
-        &format!("{unacked} unacked delivery(ies) held from {queue}"),
-        WAIT,
-        POLL,
-        move || async move {
-            match env.queue_stats(queue) {
-                Some((0, u, _)) if u == unacked => Ok(()),
-                other => Err(format!("(ready, unacked, consumers) {other:?}")),
-            }
-        },
-    )
+/// Waits until `update_messages.dlq` holds a number of messages `ok` accepts, then drains it.
+async fn wait_dead_letters(
+    env: &TestEnv,
+    amqp: &Amqp,
+    what: &str,
+    ok: impl Fn(u64) -> bool,
+) -> Vec<Got> {
+    let ok = &ok;
+    wait_for(what, WAIT, Duration::from_millis(100), move || async move {
+        let q = env.list_queues();
+        match q.get(UPDATES_DLQ) {
+            Some((n, _)) if ok(*n) => Ok(amqp.drain(UPDATES_DLQ).await),
+            other => Err(format!("{other:?}; queues {q:?}")),
+        }
+    })
     .await
-}
-
-/// Nothing in a `.dlq`, nothing left in a delay tier.
-fn assert_nothing_dead_or_retrying(env: &TestEnv) {
-    assert_eq!(
-        env.dead_and_retrying(),
-        (0, 0),
-        "(dead letters, in delay tiers): queues {:?}",
-        env.list_queues()
-    );
 }
 
 /// The version `v` of the `x-edit-version` header of the one message in
@@ -174,6 +193,42 @@ fn clamp_into(stamp: i64, ts: u64) -> i64 {
     stamp.clamp(start, start + 999_999)
 }
 
+/// A database with the tables from before `messages.edit_version`, the app and chat 1 seeded.
+async fn create_old_schema(env: &TestEnv, messages_count: i64) {
+    Db::server()
+        .exec(&format!(
+            "CREATE DATABASE `{}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci",
+            env.db_name
+        ))
+        .await;
+    for t in OLD_TABLES {
+        env.db.exec(t).await;
+    }
+    env.db.seed_app(APP_ID, TOKEN, 0).await;
+    env.db
+        .seed_chat(CHAT_ID, APP_ID, TOKEN, 1, messages_count)
+        .await;
+}
+
+/// Inserts message `number` of the seeded chat directly (not through the
+/// writer), with `created_at` / `updated_at` as MySQL DATETIME(6) text.
+async fn insert_message(env: &TestEnv, number: i64, body: &str, created: &str, updated: &str) {
+    env.db
+        .exec_params(
+            "INSERT INTO messages (chat_id, token, chat_number, number, body, creator_id, \
+             created_at, updated_at) VALUES (?, ?, 1, ?, ?, 4, ?, ?)",
+            mysql_async::Params::Positional(vec![
+                CHAT_ID.into(),
+                TOKEN.into(),
+                number.into(),
+                body.into(),
+                created.into(),
+                updated.into(),
+            ]),
+        )
+        .await
+}
+
 /// Edit A of a message is published before its create: it finds no row and
 /// waits in the delay tiers (1 s, then 4 s). Meanwhile the create lands and
 /// edit B is applied. When A comes back from the 4 s tier it carries the
@@ -183,12 +238,8 @@ fn clamp_into(stamp: i64, ts: u64) -> i64 {
 fn an_older_edit_from_a_delay_tier_does_not_overwrite_a_newer_one() {
     let env = TestEnv::new("edit_from_delay_tier");
     smol::block_on(async {
-        env.migrate_and_seed().await;
-        let amqp = env.amqp().await;
-        amqp.declare_work_queues().await;
-        let addr = format!("127.0.0.1:{}", free_port());
-        let mut w = env.start_writer(&[("HTTP_ADDR", addr.as_str()), ("RETRY_DELAYS", "1s,4s,8s")]);
-        env.wait_consuming(&mut w).await;
+        let amqp = seeded_with_work_queues(&env).await;
+        let (mut w, addr) = env.consuming_writer(&[("RETRY_DELAYS", "1s,4s,8s")]).await;
 
         let t_a = now_us();
         amqp.publish_json(UPDATES, &edit(1, "edit A"), None).await;
@@ -201,9 +252,7 @@ fn an_older_edit_from_a_delay_tier_does_not_overwrite_a_newer_one() {
             "A's version {a_version} is the time of its first receipt ({t_a}..)"
         );
 
-        amqp.publish_json("create_messages", &create(1, "the original"), Some(T1))
-            .await;
-        wait_body(&env, 1, "the original").await;
+        create_original(&env, &amqp).await;
         let t_b = now_us();
         amqp.publish_json(UPDATES, &edit(1, "edit B"), None).await;
         let row_b = wait_body(&env, 1, "edit B").await;
@@ -220,16 +269,18 @@ fn an_older_edit_from_a_delay_tier_does_not_overwrite_a_newer_one() {
 
         // A comes back from the 4 s tier and is superseded.
         let c = wait_superseded(&addr, 1).await;
-        let row = env.db.message(CHAT_ID, 1).await.expect("row");
         eprintln!(
             "[edit_from_delay_tier] A version {a_version}, B version {b_version}; \
              update_messages counters {c:?}"
         );
-        assert_eq!(row, row_b, "the superseded edit changed the row");
-        assert_eq!(row.body_str(), "edit B");
-        assert_eq!(edit_version(&env, 1).await, b_version);
-        let doc = assert_indexed(&env, &row).await;
-        assert_eq!(doc["_source"]["body"], "edit B");
+        assert_holds(
+            &env,
+            &row_b,
+            "edit B",
+            b_version,
+            "the superseded edit changed the row",
+        )
+        .await;
         assert_eq!(
             c,
             QueueCounters {
@@ -242,7 +293,7 @@ fn an_older_edit_from_a_delay_tier_does_not_overwrite_a_newer_one() {
             "A (received 3 times: at once, from each tier) and B"
         );
         assert_eq!(env.db.count("messages", "1 = 1").await, 1);
-        assert_nothing_dead_or_retrying(&env);
+        env.assert_nothing_dead_or_retrying();
         w.stop();
         amqp.close().await;
     });
@@ -256,12 +307,8 @@ fn an_older_edit_from_a_delay_tier_does_not_overwrite_a_newer_one() {
 fn two_edits_waiting_in_tiers_apply_in_publish_order() {
     let env = TestEnv::new("edits_in_tiers");
     smol::block_on(async {
-        env.migrate_and_seed().await;
-        let amqp = env.amqp().await;
-        amqp.declare_work_queues().await;
-        let addr = format!("127.0.0.1:{}", free_port());
-        let mut w = env.start_writer(&[("HTTP_ADDR", addr.as_str()), ("RETRY_DELAYS", "1s,4s,8s")]);
-        env.wait_consuming(&mut w).await;
+        let amqp = seeded_with_work_queues(&env).await;
+        let (mut w, addr) = env.consuming_writer(&[("RETRY_DELAYS", "1s,4s,8s")]).await;
 
         amqp.publish_json(UPDATES, &edit(1, "edit A"), None).await;
         wait_counters(&addr, "A sent to the 4 s tier", |c| c.retried == 2).await;
@@ -280,13 +327,15 @@ fn two_edits_waiting_in_tiers_apply_in_publish_order() {
         );
         // A comes back from the 4 s tier: older than B, superseded.
         let c = wait_superseded(&addr, 1).await;
-        let row = env.db.message(CHAT_ID, 1).await.expect("row");
         eprintln!("[edits_in_tiers] B version {b_version}; update_messages counters {c:?}");
-        assert_eq!(row, row_b, "the superseded edit changed the row");
-        assert_eq!(row.body_str(), "edit B");
-        assert_eq!(edit_version(&env, 1).await, b_version);
-        let doc = assert_indexed(&env, &row).await;
-        assert_eq!(doc["_source"]["body"], "edit B");
+        assert_holds(
+            &env,
+            &row_b,
+            "edit B",
+            b_version,
+            "the superseded edit changed the row",
+        )
+        .await;
         // A: at once, from the 1 s tier, from the 4 s tier; B: at once, from
         // the 1 s tier.
         assert_eq!(
@@ -300,7 +349,7 @@ fn two_edits_waiting_in_tiers_apply_in_publish_order() {
             }
         );
         assert_eq!(env.db.count("messages", "1 = 1").await, 1);
-        assert_nothing_dead_or_retrying(&env);
+        env.assert_nothing_dead_or_retrying();
         w.stop();
         amqp.close().await;
     });
@@ -315,25 +364,9 @@ fn two_edits_waiting_in_tiers_apply_in_publish_order() {
 fn an_older_edit_redelivered_after_a_restart_stays_older() {
     let env = TestEnv::new("edit_redelivered");
     smol::block_on(async {
-        env.migrate_and_seed().await;
-        let amqp = env.amqp().await;
-        amqp.declare_work_queues().await;
-        let mysql = Proxy::start("127.0.0.1:3306".parse().expect("address"));
-        let mysql_port = mysql.port.to_string();
-        let (addr1, addr2) = (
-            format!("127.0.0.1:{}", free_port()),
-            format!("127.0.0.1:{}", free_port()),
-        );
-        let mut w1 = env.start_writer(&[
-            ("HTTP_ADDR", addr1.as_str()),
-            ("DATABASE_PORT", mysql_port.as_str()),
-            ("RABBITMQ_PREFETCH_COUNT", "1"),
-            ("MYSQL_REQUEUE_AFTER", "1h"),
-        ]);
-        env.wait_consuming(&mut w1).await;
-        amqp.publish_json("create_messages", &create(1, "the original"), Some(T1))
-            .await;
-        let created = wait_body(&env, 1, "the original").await;
+        let amqp = seeded_with_work_queues(&env).await;
+        let (mysql, mut w1, addr1) = env.consuming_writer_behind_proxy("1", "1h").await;
+        let created = create_original(&env, &amqp).await;
         assert_eq!(
             edit_version(&env, 1).await,
             0,
@@ -346,15 +379,11 @@ fn an_older_edit_redelivered_after_a_restart_stays_older() {
         let ts_b = T1 + 12;
         amqp.publish_json(UPDATES, &edit(1, "edit A"), Some(ts_a))
             .await;
-        wait_held(&env, UPDATES, 1).await;
-        wait_counters(&addr1, "writer 1 failed to write A", |c| {
-            c.received == 1 && c.write_errors >= 1
-        })
-        .await;
+        wait_held(&env, 1).await;
+        wait_write_failed(&addr1, "writer 1 failed to write A").await;
 
         // Writer 2 (MySQL direct) applies B while writer 1 holds A.
-        let mut w2 = env.start_writer(&[("HTTP_ADDR", addr2.as_str())]);
-        wait_consumers(&env, UPDATES, 2).await;
+        let (mut w2, addr2) = start_direct_replica(&env).await;
         amqp.publish_json(UPDATES, &edit(1, "edit B"), Some(ts_b))
             .await;
         let row_b = wait_body(&env, 1, "edit B").await;
@@ -375,15 +404,17 @@ fn an_older_edit_redelivered_after_a_restart_stays_older() {
         // within second ts_a.
         w1.kill();
         let c2 = wait_superseded(&addr2, 1).await;
-        let row = env.db.message(CHAT_ID, 1).await.expect("row");
         eprintln!(
             "[edit_redelivered] B version {b_version}; writer 2 update_messages counters {c2:?}"
         );
-        assert_eq!(row, row_b, "the redelivered older edit changed the row");
-        assert_eq!(row.body_str(), "edit B");
-        assert_eq!(edit_version(&env, 1).await, b_version);
-        let doc = assert_indexed(&env, &row).await;
-        assert_eq!(doc["_source"]["body"], "edit B");
+        assert_holds(
+            &env,
+            &row_b,
+            "edit B",
+            b_version,
+            "the redelivered older edit changed the row",
+        )
+        .await;
         assert_eq!(
             (
                 c2.received,
@@ -397,7 +428,7 @@ fn an_older_edit_redelivered_after_a_restart_stays_older() {
         );
         env.wait_queue_empty(UPDATES, WAIT).await;
         assert_eq!(env.db.count("messages", "1 = 1").await, 1);
-        assert_nothing_dead_or_retrying(&env);
+        env.assert_nothing_dead_or_retrying();
         w2.stop();
         amqp.close().await;
     });
@@ -411,46 +442,18 @@ fn an_older_edit_redelivered_after_a_restart_stays_older() {
 fn publisher_edit_versions_are_used_as_is() {
     let env = TestEnv::new("edit_version_header");
     smol::block_on(async {
-        env.migrate_and_seed().await;
-        let amqp = env.amqp().await;
-        amqp.declare_work_queues().await;
-        let addr = format!("127.0.0.1:{}", free_port());
-        let mut w = env.start_writer(&[("HTTP_ADDR", addr.as_str())]);
-        env.wait_consuming(&mut w).await;
-        amqp.publish_json("create_messages", &create(1, "the original"), Some(T1))
-            .await;
-        wait_body(&env, 1, "the original").await;
-        let a = addr.as_str();
-        let stored = |n: u64| async move {
-            wait_until(
-                &format!("{n} update(s) stored"),
-                WAIT,
-                POLL,
-                move || async move { QueueCounters::scrape(a, UPDATES).stored == n },
-            )
-            .await
-        };
-        let publish = |body: &'static str, v: AMQPValue| {
-            let amqp = &amqp;
-            async move {
-                amqp.publish_with_headers(
-                    UPDATES,
-                    edit(1, body).to_string().as_bytes(),
-                    Some(T1),
-                    version_header(v),
-                )
-                .await
-            }
-        };
+        let amqp = seeded_with_work_queues(&env).await;
+        let (mut w, addr) = env.consuming_writer(&[]).await;
+        create_original(&env, &amqp).await;
 
         // B, version 2,000,000: applied.
-        publish("edit B", AMQPValue::LongUInt(2_000_000)).await;
+        publish_versioned(&amqp, "edit B", AMQPValue::LongUInt(2_000_000)).await;
         let row_b = wait_body(&env, 1, "edit B").await;
         assert_eq!(edit_version(&env, 1).await, 2_000_000);
-        stored(1).await;
+        wait_stored(&addr, 1).await;
 
         // A, version 1,000,000 (older): superseded, nothing changes.
-        publish("edit A", AMQPValue::LongInt(1_000_000)).await;
+        publish_versioned(&amqp, "edit A", AMQPValue::LongInt(1_000_000)).await;
         let c = wait_superseded(&addr, 1).await;
         assert_eq!(c.stored, 2, "{c:?}");
         let row = env.db.message(CHAT_ID, 1).await.expect("row");
@@ -459,18 +462,18 @@ fn publisher_edit_versions_are_used_as_is() {
         assert_indexed(&env, &row).await;
 
         // A again, version 3,000,000 (newer): applied.
-        publish("edit A again", AMQPValue::LongLongInt(3_000_000)).await;
+        publish_versioned(&amqp, "edit A again", AMQPValue::LongLongInt(3_000_000)).await;
         let row_a = wait_body(&env, 1, "edit A again").await;
         assert_eq!(edit_version(&env, 1).await, 3_000_000);
         assert!(row_a.updated_us > row_b.updated_us);
-        stored(3).await;
+        wait_stored(&addr, 3).await;
 
         // The same version again: the later one wins the tie.
-        publish("same version", AMQPValue::LongLongInt(3_000_000)).await;
+        publish_versioned(&amqp, "same version", AMQPValue::LongLongInt(3_000_000)).await;
         let row_tie = wait_body(&env, 1, "same version").await;
         assert_eq!(edit_version(&env, 1).await, 3_000_000);
         assert!(row_tie.updated_us > row_a.updated_us);
-        stored(4).await;
+        wait_stored(&addr, 4).await;
         let doc = assert_indexed(&env, &row_tie).await;
         assert_eq!(doc["_source"]["body"], "same version");
 
@@ -485,7 +488,7 @@ fn publisher_edit_versions_are_used_as_is() {
                 ..Default::default()
             }
         );
-        assert_nothing_dead_or_retrying(&env);
+        env.assert_nothing_dead_or_retrying();
         w.stop();
         amqp.close().await;
     });
@@ -499,39 +502,19 @@ fn publisher_edit_versions_are_used_as_is() {
 fn an_edit_given_back_by_a_replica_without_mysql_is_superseded() {
     let env = TestEnv::new("edit_given_back");
     smol::block_on(async {
-        env.migrate_and_seed().await;
-        let amqp = env.amqp().await;
-        amqp.declare_work_queues().await;
-        let mysql = Proxy::start("127.0.0.1:3306".parse().expect("address"));
-        let mysql_port = mysql.port.to_string();
-        let (addr1, addr2) = (
-            format!("127.0.0.1:{}", free_port()),
-            format!("127.0.0.1:{}", free_port()),
-        );
+        let amqp = seeded_with_work_queues(&env).await;
         // Replica 1 gives back after 6 s of failures: time for replica 2 to
         // start and apply B first.
-        let mut r1 = env.start_writer(&[
-            ("HTTP_ADDR", addr1.as_str()),
-            ("DATABASE_PORT", mysql_port.as_str()),
-            ("RABBITMQ_PREFETCH_COUNT", "1"),
-            ("MYSQL_REQUEUE_AFTER", "6s"),
-        ]);
-        env.wait_consuming(&mut r1).await;
-        amqp.publish_json("create_messages", &create(1, "the original"), Some(T1))
-            .await;
-        wait_body(&env, 1, "the original").await;
+        let (mysql, mut r1, addr1) = env.consuming_writer_behind_proxy("1", "6s").await;
+        create_original(&env, &amqp).await;
 
         mysql.pause();
         let t_a = now_us();
         amqp.publish_json(UPDATES, &edit(1, "edit A"), None).await;
-        wait_counters(&addr1, "replica 1 took A and failed to write it", |c| {
-            c.received == 1 && c.write_errors >= 1
-        })
-        .await;
+        wait_write_failed(&addr1, "replica 1 took A and failed to write it").await;
         let t_held = Instant::now();
 
-        let mut r2 = env.start_writer(&[("HTTP_ADDR", addr2.as_str())]);
-        wait_consumers(&env, UPDATES, 2).await;
+        let (mut r2, addr2) = start_direct_replica(&env).await;
         amqp.publish_json(UPDATES, &edit(1, "edit B"), None).await;
         let row_b = wait_body(&env, 1, "edit B").await;
         let b_version = edit_version(&env, 1).await;
@@ -547,12 +530,14 @@ fn an_edit_given_back_by_a_replica_without_mysql_is_superseded() {
 
         // Replica 1 gives A back; replica 2 takes it: superseded.
         let c2 = wait_superseded(&addr2, 1).await;
-        let row = env.db.message(CHAT_ID, 1).await.expect("row");
-        assert_eq!(row, row_b, "the given-back older edit changed the row");
-        assert_eq!(row.body_str(), "edit B");
-        assert_eq!(edit_version(&env, 1).await, b_version);
-        let doc = assert_indexed(&env, &row).await;
-        assert_eq!(doc["_source"]["body"], "edit B");
+        assert_holds(
+            &env,
+            &row_b,
+            "edit B",
+            b_version,
+            "the given-back older edit changed the row",
+        )
+        .await;
         let c1 = QueueCounters::scrape(&addr1, UPDATES);
         eprintln!(
             "[edit_given_back] B version {b_version}; replica 1 update_messages {c1:?}; \
@@ -576,10 +561,10 @@ fn an_edit_given_back_by_a_replica_without_mysql_is_superseded() {
             "{c2:?}"
         );
         env.wait_queue_empty(UPDATES, WAIT).await;
-        assert_nothing_dead_or_retrying(&env);
+        env.assert_nothing_dead_or_retrying();
 
         mysql.resume();
-        wait_consumers(&env, UPDATES, 2).await;
+        wait_consumers(&env, 2).await;
         r1.stop();
         r2.stop();
         amqp.close().await;
@@ -594,19 +579,7 @@ fn an_edit_given_back_by_a_replica_without_mysql_is_superseded() {
 fn migrate_adds_edit_version_to_an_existing_table() {
     let env = TestEnv::new("migrate_edit_version");
     smol::block_on(async {
-        crate::common::Db::server()
-            .exec(&format!(
-                "CREATE DATABASE `{}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci",
-                env.db_name
-            ))
-            .await;
-        for t in OLD_TABLES {
-            env.db.exec(t).await;
-        }
-        env.db.seed_app(crate::common::APP_ID, TOKEN, 0).await;
-        env.db
-            .seed_chat(CHAT_ID, crate::common::APP_ID, TOKEN, 1, 1)
-            .await;
+        create_old_schema(&env, 1).await;
         env.db
             .exec(
                 "INSERT INTO messages (chat_id, token, chat_number, number, body, creator_id, \
@@ -684,7 +657,7 @@ fn migrate_adds_edit_version_to_an_existing_table() {
         assert!(row.updated_us > old.updated_us);
         let doc = assert_indexed(&env, &row).await;
         assert_eq!(doc["_source"]["body"], "new body");
-        assert_nothing_dead_or_retrying(&env);
+        env.assert_nothing_dead_or_retrying();
         w.stop();
         amqp.close().await;
     });
@@ -697,16 +670,10 @@ fn migrate_adds_edit_version_to_an_existing_table() {
 fn a_malformed_edit_version_header_is_dead_lettered() {
     let env = TestEnv::new("edit_version_malformed");
     smol::block_on(async {
-        env.migrate_and_seed().await;
-        let amqp = env.amqp().await;
-        amqp.declare_work_queues().await;
-        let addr = format!("127.0.0.1:{}", free_port());
+        let amqp = seeded_with_work_queues(&env).await;
         // A retry would wait here, visible, instead of ending in the .dlq.
-        let mut w = env.start_writer(&[("HTTP_ADDR", addr.as_str()), ("RETRY_DELAYS", "30s")]);
-        env.wait_consuming(&mut w).await;
-        amqp.publish_json("create_messages", &create(1, "the original"), Some(T1))
-            .await;
-        let created = wait_body(&env, 1, "the original").await;
+        let (mut w, addr) = env.consuming_writer(&[("RETRY_DELAYS", "30s")]).await;
+        let created = create_original(&env, &amqp).await;
 
         let bad: [(&str, AMQPValue); 3] = [
             ("a string", AMQPValue::LongString("abc".into())),
@@ -714,27 +681,11 @@ fn a_malformed_edit_version_header_is_dead_lettered() {
             ("negative", AMQPValue::LongLongInt(-5)),
         ];
         for (what, v) in &bad {
-            amqp.publish_with_headers(
-                UPDATES,
-                edit(1, what).to_string().as_bytes(),
-                Some(T1),
-                version_header(v.clone()),
-            )
-            .await;
+            publish_versioned(&amqp, what, v.clone()).await;
         }
-        let (a, e) = (&amqp, &env);
-        let dead = wait_for(
-            "3 dead letters in update_messages.dlq",
-            WAIT,
-            Duration::from_millis(100),
-            move || async move {
-                let q = e.list_queues();
-                match q.get("update_messages.dlq") {
-                    Some((3, _)) => Ok(a.drain("update_messages.dlq").await),
-                    other => Err(format!("{other:?}; queues {q:?}")),
-                }
-            },
-        )
+        let dead = wait_dead_letters(&env, &amqp, "3 dead letters in update_messages.dlq", |n| {
+            n == 3
+        })
         .await;
         assert_eq!(dead.len(), 3);
         for (what, v) in &bad {
@@ -769,29 +720,10 @@ fn a_malformed_edit_version_header_is_dead_lettered() {
                 ..Default::default()
             }
         );
-        assert_eq!(env.dead_and_retrying(), (0, 0), "{:?}", env.list_queues());
+        env.assert_nothing_dead_or_retrying();
         w.stop();
         amqp.close().await;
     });
-}
-
-/// Inserts message `number` of the seeded chat directly (not through the
-/// writer), with `created_at` / `updated_at` as MySQL DATETIME(6) text.
-async fn insert_message(env: &TestEnv, number: i64, body: &str, created: &str, updated: &str) {
-    env.db
-        .exec_params(
-            "INSERT INTO messages (chat_id, token, chat_number, number, body, creator_id, \
-             created_at, updated_at) VALUES (?, ?, 1, ?, ?, 4, ?, ?)",
-            mysql_async::Params::Positional(vec![
-                CHAT_ID.into(),
-                TOKEN.into(),
-                number.into(),
-                body.into(),
-                created.into(),
-                updated.into(),
-            ]),
-        )
-        .await
 }
 
 /// Replica A cannot reach MySQL: it takes a filler edit of message 2 (a
@@ -804,44 +736,26 @@ async fn insert_message(env: &TestEnv, number: i64, body: &str, created: &str, u
 fn an_edit_received_but_not_taken_keeps_its_arrival_time_when_given_back() {
     let env = TestEnv::new("edit_held_not_taken");
     smol::block_on(async {
-        env.migrate_and_seed().await;
+        let amqp = seeded_with_work_queues(&env).await;
         let created = "2026-01-01 00:00:00.000000";
         insert_message(&env, 1, "the original", created, created).await;
         insert_message(&env, 2, "the second", created, created).await;
-        let amqp = env.amqp().await;
-        amqp.declare_work_queues().await;
-        let mysql = Proxy::start("127.0.0.1:3306".parse().expect("address"));
-        let mysql_port = mysql.port.to_string();
-        let (addr_a, addr_b) = (
-            format!("127.0.0.1:{}", free_port()),
-            format!("127.0.0.1:{}", free_port()),
-        );
         // A gives back after 6 s of failures: time for B to start and
         // apply "new" first.
-        let mut a = env.start_writer(&[
-            ("HTTP_ADDR", addr_a.as_str()),
-            ("DATABASE_PORT", mysql_port.as_str()),
-            ("RABBITMQ_PREFETCH_COUNT", "2"),
-            ("MYSQL_REQUEUE_AFTER", "6s"),
-        ]);
-        env.wait_consuming(&mut a).await;
+        let (mysql, mut a, addr_a) = env.consuming_writer_behind_proxy("2", "6s").await;
         mysql.pause();
 
         amqp.publish_json(UPDATES, &edit(2, "filler"), None).await;
-        wait_counters(&addr_a, "A took the filler and failed to write it", |c| {
-            c.received == 1 && c.write_errors >= 1
-        })
-        .await;
+        wait_write_failed(&addr_a, "A took the filler and failed to write it").await;
         let t_stuck = Instant::now();
         let t_old = now_us();
         amqp.publish_json(UPDATES, &edit(1, "old"), None).await;
         // "old" is held by A (its prefetch window) but not taken.
-        wait_held(&env, UPDATES, 2).await;
+        wait_held(&env, 2).await;
         let c = QueueCounters::scrape(&addr_a, UPDATES);
         assert_eq!(c.received, 1, "A took \"old\" into a batch: {c:?}");
 
-        let mut b = env.start_writer(&[("HTTP_ADDR", addr_b.as_str())]);
-        wait_consumers(&env, UPDATES, 2).await;
+        let (mut b, addr_b) = start_direct_replica(&env).await;
         amqp.publish_json(UPDATES, &edit(1, "new"), None).await;
         let row_new = wait_body(&env, 1, "new").await;
         let new_version = edit_version(&env, 1).await;
@@ -866,16 +780,14 @@ fn an_edit_received_but_not_taken_keeps_its_arrival_time_when_given_back() {
         eprintln!(
             "[edit_held_not_taken] \"new\" version {new_version}; replica A {ca:?}; replica B {cb:?}"
         );
-        let row = env.db.message(CHAT_ID, 1).await.expect("row");
-        assert_eq!(
-            row.body_str(),
+        assert_holds(
+            &env,
+            &row_new,
             "new",
-            "the older edit given back by A overwrote the newer one"
-        );
-        assert_eq!(row, row_new);
-        assert_eq!(edit_version(&env, 1).await, new_version);
-        let doc = assert_indexed(&env, &row).await;
-        assert_eq!(doc["_source"]["body"], "new");
+            new_version,
+            "the older edit given back by A overwrote the newer one",
+        )
+        .await;
         assert_eq!(
             (cb.stored, cb.superseded, cb.dead_lettered, cb.retried),
             (3, 1, 0, 0),
@@ -883,10 +795,10 @@ fn an_edit_received_but_not_taken_keeps_its_arrival_time_when_given_back() {
         );
         assert_eq!((ca.parked, ca.requeues), (2, 1), "replica A: {ca:?}");
         env.wait_queue_empty(UPDATES, WAIT).await;
-        assert_nothing_dead_or_retrying(&env);
+        env.assert_nothing_dead_or_retrying();
 
         mysql.resume();
-        wait_consumers(&env, UPDATES, 2).await;
+        wait_consumers(&env, 2).await;
         a.stop();
         b.stop();
         amqp.close().await;
@@ -901,27 +813,18 @@ fn an_edit_received_but_not_taken_keeps_its_arrival_time_when_given_back() {
 fn when_mysql_refuses_the_newest_edit_the_next_newest_is_applied() {
     let env = TestEnv::new("edit_newest_refused");
     smol::block_on(async {
-        env.migrate_and_seed().await;
+        let amqp = seeded_with_work_queues(&env).await;
         env.db
             .exec("ALTER TABLE messages ADD CONSTRAINT no_poison CHECK (body <> 'poison')")
             .await;
         let created = "2026-01-01 00:00:00.000000";
         insert_message(&env, 1, "the original", created, created).await;
-        let amqp = env.amqp().await;
-        amqp.declare_work_queues().await;
         // Both queued before the writer starts: it takes them in one batch.
         for (body, v) in [("good", 10i64), ("poison", 20)] {
-            amqp.publish_with_headers(
-                UPDATES,
-                edit(1, body).to_string().as_bytes(),
-                Some(T1),
-                version_header(AMQPValue::LongLongInt(v)),
-            )
-            .await;
+            publish_versioned(&amqp, body, AMQPValue::LongLongInt(v)).await;
         }
-        let addr = format!("127.0.0.1:{}", free_port());
         // A retry would wait here, visible, instead of ending in the .dlq.
-        let mut w = env.start_writer(&[("HTTP_ADDR", addr.as_str()), ("RETRY_DELAYS", "30s")]);
+        let (mut w, addr) = env.start_writer_at(&[("RETRY_DELAYS", "30s")]);
         let a = addr.as_str();
         wait_until("/metrics answers", WAIT, POLL, move || async move {
             crate::common::metrics::http_get(a, "/metrics").is_ok()
@@ -931,19 +834,9 @@ fn when_mysql_refuses_the_newest_edit_the_next_newest_is_applied() {
             c.received == 2 && c.balanced()
         })
         .await;
-        let (a, e) = (&amqp, &env);
-        let dead = wait_for(
-            "dead letters in update_messages.dlq",
-            WAIT,
-            Duration::from_millis(100),
-            move || async move {
-                let q = e.list_queues();
-                match q.get("update_messages.dlq") {
-                    Some((n, _)) if *n >= 1 => Ok(a.drain("update_messages.dlq").await),
-                    other => Err(format!("{other:?}; queues {q:?}")),
-                }
-            },
-        )
+        let dead = wait_dead_letters(&env, &amqp, "dead letters in update_messages.dlq", |n| {
+            n >= 1
+        })
         .await;
         let row = env.db.message(CHAT_ID, 1).await.expect("row");
         eprintln!(
@@ -981,7 +874,7 @@ fn when_mysql_refuses_the_newest_edit_the_next_newest_is_applied() {
         );
         let doc = assert_indexed(&env, &row).await;
         assert_eq!(doc["_source"]["body"], "good");
-        assert_eq!(env.dead_and_retrying(), (0, 0), "{:?}", env.list_queues());
+        env.assert_nothing_dead_or_retrying();
         w.stop();
         amqp.close().await;
     });
@@ -997,19 +890,7 @@ fn when_mysql_refuses_the_newest_edit_the_next_newest_is_applied() {
 fn migrate_sets_the_version_of_rows_edited_before_the_column_existed() {
     let env = TestEnv::new("migrate_fills_edit_version");
     smol::block_on(async {
-        crate::common::Db::server()
-            .exec(&format!(
-                "CREATE DATABASE `{}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci",
-                env.db_name
-            ))
-            .await;
-        for t in OLD_TABLES {
-            env.db.exec(t).await;
-        }
-        env.db.seed_app(crate::common::APP_ID, TOKEN, 0).await;
-        env.db
-            .seed_chat(CHAT_ID, crate::common::APP_ID, TOKEN, 1, 2)
-            .await;
+        create_old_schema(&env, 2).await;
         insert_message(
             &env,
             1,
@@ -1042,9 +923,7 @@ fn migrate_sets_the_version_of_rows_edited_before_the_column_existed() {
 
         let amqp = env.amqp().await;
         amqp.declare_work_queues().await;
-        let addr = format!("127.0.0.1:{}", free_port());
-        let mut w = env.start_writer(&[("HTTP_ADDR", addr.as_str())]);
-        env.wait_consuming(&mut w).await;
+        let (mut w, addr) = env.consuming_writer(&[]).await;
 
         // Published an hour before the row's edit: superseded.
         let stale_ts = (edited.updated_us / 1_000_000 - 3600) as u64;
@@ -1075,7 +954,7 @@ fn migrate_sets_the_version_of_rows_edited_before_the_column_existed() {
         assert_eq!(doc["_source"]["body"], "new edit");
         let c = wait_superseded(&addr, 1).await;
         assert_eq!((c.received, c.stored), (2, 2), "{c:?}");
-        assert_nothing_dead_or_retrying(&env);
+        env.assert_nothing_dead_or_retrying();
         w.stop();
         amqp.close().await;
     });

@@ -1,4 +1,4 @@
-//! The `--env-file PATH` file format (issue 5).
+//! The `--env-file PATH` file format.
 //!
 //! Why it exists: a deployment that cannot set environment variables one by
 //! one (a systemd unit, a shared `.env` of several services, a `docker run`
@@ -6,7 +6,7 @@
 //! instead. This module owns the format and reading the file; it never
 //! touches the process environment. [`crate::config`] layers the result
 //! under the real environment (environment first, then the file, then the
-//! default of CONTRACT section 2) and validates the values as usual.
+//! default; README, "Configuration") and validates the values as usual.
 //!
 //! The format, one entry per line:
 //!
@@ -19,7 +19,7 @@
 //!   matching single or double quotes loses those two quotes; there are no
 //!   escapes, no interpolation and no continuation lines;
 //! - `KEY=` sets the empty string, which wins over the default like an empty
-//!   environment variable (CONTRACT section 2);
+//!   environment variable (README, "Configuration");
 //! - a key given twice takes its last value, as a shell sourcing the file would.
 //!
 //! Lines end with `\n` or `\r\n`. Unknown keys are accepted: the file may be
@@ -117,7 +117,7 @@ pub struct EnvFile {
 /// file as it was given: `--env-file PATH line N: <what is wrong>` or
 /// `--env-file PATH: cannot read it: <OS error>` or
 /// `--env-file PATH: larger than 1 MiB`. `main` turns it into exit code 2
-/// (bad configuration, CONTRACT section 1).
+/// (bad configuration; README, "Running it").
 #[derive(Debug)]
 pub enum EnvFileError {
     /// The file cannot be read (missing, a directory, no permission, …).

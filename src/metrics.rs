@@ -1,4 +1,4 @@
-//! What the writer counts, for `/metrics` (issue 5) and readiness.
+//! What the writer counts, for `/metrics` and readiness.
 //!
 //! One process-wide set of metrics ([`get`]), registered once in a
 //! `prometheus-client` registry and encoded on each scrape in the

@@ -253,7 +253,7 @@ fn parked_copy<'a>(queue: &str, d: &'a Delivery, version: Option<Micros>) -> Out
 
 /// Gives `batch` and every delivery the consumer holds back to the queue
 /// and stops consuming, so replicas that can reach MySQL take them
-/// (CONTRACT section 6: never acked before stored, never dead-lettered;
+/// (README, "Failure semantics": never acked before stored, never dead-lettered;
 /// MYSQL_REQUEUE_AFTER): [`park_all`], then [`resume_when_mysql_answers`]
 /// follows.
 ///

@@ -298,10 +298,7 @@ pub async fn run(
             .collect();
         if !returned.is_empty() {
             republisher.publish_all(&returned).await?;
-            metrics::get()
-                .parked
-                .get_or_create(&metrics::Metrics::queue(INDEX_QUEUE))
-                .inc_by(returned.len() as u64);
+            count_parked(returned.len());
             log::info!(
                 "index queue: parked {} messages the broker had returned before (x-delivery-count >= 1) as fresh copies",
                 returned.len()
@@ -393,6 +390,14 @@ pub async fn run(
     }
 }
 
+/// Counts `n` parked index messages in `deliveries_parked_total`.
+fn count_parked(n: usize) {
+    metrics::get()
+        .parked
+        .get_or_create(&metrics::Metrics::queue(INDEX_QUEUE))
+        .inc_by(n as u64);
+}
+
 /// On shutdown, parks the index messages the consumer holds (`held`, and
 /// what was received but not taken): republished to the index queue
 /// (confirmed) and acked, instead of returned by the channel's close, which
@@ -428,10 +433,7 @@ async fn park_on_shutdown(
             consumer.ack_through(last).await?;
         }
         consumer.forget_stamps();
-        metrics::get()
-            .parked
-            .get_or_create(&metrics::Metrics::queue(INDEX_QUEUE))
-            .inc_by(out.len() as u64);
+        count_parked(out.len());
         Ok::<usize, String>(out.len())
     };
     let parked = smol::future::or(async { Some(park.await) }, async {

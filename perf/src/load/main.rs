@@ -1,4 +1,4 @@
-//! `load`: the measuring instruments for `chat-writer` (issue 4).
+//! `load`: the measuring instruments for `chat-writer`.
 //!
 //! Subcommands (each prints a markdown table on stdout and writes
 //! `<out>/<name>.json` and `<out>/<name>.md`; `steady` also a PNG):

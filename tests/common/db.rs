@@ -68,6 +68,13 @@ impl Db {
         }
     }
 
+    /// Another server (e.g. the TLS tests' own MariaDB), by URL.
+    pub fn with_url(url: &str) -> Db {
+        Db {
+            url: url.to_string(),
+        }
+    }
+
     /// The server, no default database.
     pub fn server() -> Db {
         Db {

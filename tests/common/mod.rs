@@ -20,6 +20,7 @@ pub mod kv;
 pub mod load;
 pub mod metrics;
 pub mod time;
+pub mod tls;
 pub mod writer;
 
 use std::collections::BTreeMap;

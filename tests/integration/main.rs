@@ -22,3 +22,4 @@ mod replicas;
 mod retries;
 mod shutdown;
 mod sigkill;
+mod tls;

@@ -13,6 +13,7 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::env_file::EnvFile;
+use crate::tls::{self, Service, SslMode};
 
 /// One documented variable: name, default, meaning. `--help` and the README
 /// print this table, so the list cannot drift from the parser.
@@ -75,6 +76,96 @@ pub const VARIABLES: &[Variable] = &[
         help: "index (or alias) name",
     },
     Variable {
+        name: "ELASTICSEARCH_API_KEY",
+        default: "",
+        help: "sent as `Authorization: ApiKey <value>`; empty: none (user info in ELASTICSEARCH_URL is sent as Basic)",
+    },
+    Variable {
+        name: "DATABASE_SSL_MODE",
+        default: "preferred",
+        help: "MySQL TLS: disabled, preferred (TLS if the server offers it, unverified), required (unverified), verify_ca, verify_identity",
+    },
+    Variable {
+        name: "RABBITMQ_TLS_CA_FILE",
+        default: "",
+        help: "PEM bundle of CAs trusted for amqps:// besides the public roots",
+    },
+    Variable {
+        name: "RABBITMQ_TLS_CERT_FILE",
+        default: "",
+        help: "client certificate (PEM) for mutual TLS; with RABBITMQ_TLS_KEY_FILE",
+    },
+    Variable {
+        name: "RABBITMQ_TLS_KEY_FILE",
+        default: "",
+        help: "client private key (PEM) for mutual TLS; with RABBITMQ_TLS_CERT_FILE",
+    },
+    Variable {
+        name: "RABBITMQ_TLS_INSECURE",
+        default: "false",
+        help: "true: do not verify the broker's certificate (test rigs only)",
+    },
+    Variable {
+        name: "DATABASE_TLS_CA_FILE",
+        default: "",
+        help: "PEM bundle of CAs trusted for MySQL besides the public roots",
+    },
+    Variable {
+        name: "DATABASE_TLS_CERT_FILE",
+        default: "",
+        help: "client certificate (PEM) for mutual TLS; with DATABASE_TLS_KEY_FILE",
+    },
+    Variable {
+        name: "DATABASE_TLS_KEY_FILE",
+        default: "",
+        help: "client private key (PEM) for mutual TLS; with DATABASE_TLS_CERT_FILE",
+    },
+    Variable {
+        name: "DATABASE_TLS_INSECURE",
+        default: "false",
+        help: "true: do not verify MySQL's certificate, whatever DATABASE_SSL_MODE says (test rigs only)",
+    },
+    Variable {
+        name: "REDIS_TLS_CA_FILE",
+        default: "",
+        help: "PEM bundle of CAs trusted for rediss:// besides the public roots",
+    },
+    Variable {
+        name: "REDIS_TLS_CERT_FILE",
+        default: "",
+        help: "client certificate (PEM) for mutual TLS; with REDIS_TLS_KEY_FILE",
+    },
+    Variable {
+        name: "REDIS_TLS_KEY_FILE",
+        default: "",
+        help: "client private key (PEM) for mutual TLS; with REDIS_TLS_CERT_FILE",
+    },
+    Variable {
+        name: "REDIS_TLS_INSECURE",
+        default: "false",
+        help: "true: do not verify Redis's certificate (test rigs only)",
+    },
+    Variable {
+        name: "ELASTICSEARCH_TLS_CA_FILE",
+        default: "",
+        help: "PEM bundle of CAs trusted for https:// besides the public roots",
+    },
+    Variable {
+        name: "ELASTICSEARCH_TLS_CERT_FILE",
+        default: "",
+        help: "client certificate (PEM) for mutual TLS; with ELASTICSEARCH_TLS_KEY_FILE",
+    },
+    Variable {
+        name: "ELASTICSEARCH_TLS_KEY_FILE",
+        default: "",
+        help: "client private key (PEM) for mutual TLS; with ELASTICSEARCH_TLS_CERT_FILE",
+    },
+    Variable {
+        name: "ELASTICSEARCH_TLS_INSECURE",
+        default: "false",
+        help: "true: do not verify the search server's certificate (test rigs only)",
+    },
+    Variable {
         name: "COUNT_SYNC_INTERVAL",
         default: "10s",
         help: "count sync period: 500ms, 10s, 2m, 1h or bare seconds",
@@ -131,8 +222,8 @@ pub const VARIABLES: &[Variable] = &[
 /// secret (see [`ConfigError::value`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
-    /// The variable at fault.
-    pub variable: &'static str,
+    /// The variable at fault (`NAME_FILE` when its file is at fault).
+    pub variable: String,
     /// The value seen, with secrets hidden: the password of a URL variable
     /// replaced by `***` ([`redact_url`]), a [`SECRET_VARIABLES`] value
     /// replaced by `***` altogether.
@@ -202,6 +293,64 @@ pub struct Config {
     pub http_addr: Option<std::net::SocketAddr>,
     /// Log level.
     pub log_level: log::LevelFilter,
+    /// DATABASE_SSL_MODE.
+    pub database_ssl_mode: SslMode,
+    /// The `<S>_TLS_*` settings of each service.
+    pub tls: TlsSettings,
+    /// ELASTICSEARCH_API_KEY, if set.
+    pub elasticsearch_api_key: Option<ApiKey>,
+}
+
+/// The TLS settings of the four services (`<S>_TLS_CA_FILE`,
+/// `<S>_TLS_CERT_FILE`, `<S>_TLS_KEY_FILE`, `<S>_TLS_INSECURE`).
+#[derive(Debug, Clone, Default)]
+pub struct TlsSettings {
+    /// RABBITMQ_TLS_*.
+    pub rabbitmq: tls::Settings,
+    /// DATABASE_TLS_*.
+    pub mysql: tls::Settings,
+    /// REDIS_TLS_*.
+    pub redis: tls::Settings,
+    /// ELASTICSEARCH_TLS_*.
+    pub elasticsearch: tls::Settings,
+}
+
+impl TlsSettings {
+    /// The settings of `service`.
+    pub fn of(&self, service: Service) -> &tls::Settings {
+        match service {
+            Service::Rabbitmq => &self.rabbitmq,
+            Service::Mysql => &self.mysql,
+            Service::Redis => &self.redis,
+            Service::Elasticsearch => &self.elasticsearch,
+        }
+    }
+
+    fn of_mut(&mut self, service: Service) -> &mut tls::Settings {
+        match service {
+            Service::Rabbitmq => &mut self.rabbitmq,
+            Service::Mysql => &mut self.mysql,
+            Service::Redis => &mut self.redis,
+            Service::Elasticsearch => &mut self.elasticsearch,
+        }
+    }
+}
+
+/// The Elasticsearch API key and, when it came from
+/// `ELASTICSEARCH_API_KEY_FILE`, that file: the client reads it again
+/// after a 401 or 403, so a rotated secret takes effect without a restart.
+#[derive(Clone)]
+pub struct ApiKey {
+    /// The key as read at start.
+    pub value: String,
+    /// The file it was read from, if any.
+    pub file: Option<std::path::PathBuf>,
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ApiKey(***, file: {:?})", self.file)
+    }
 }
 
 impl Config {
@@ -223,9 +372,11 @@ impl Config {
         // A variable set to bytes that are not UTF-8 is set, not absent: it
         // must not fall through to the file or the default.
         for v in VARIABLES {
-            if let Some(raw) = std::env::var_os(v.name) {
-                if let Err(raw) = raw.into_string() {
-                    return Err(err(v.name, &raw.to_string_lossy(), "valid UTF-8"));
+            for name in [v.name.to_string(), format!("{}_FILE", v.name)] {
+                if let Some(raw) = std::env::var_os(&name) {
+                    if let Err(raw) = raw.into_string() {
+                        return Err(err(&name, &raw.to_string_lossy(), "valid UTF-8"));
+                    }
                 }
             }
         }
@@ -239,31 +390,65 @@ impl Config {
         file: Option<&EnvFile>,
     ) -> Result<Config, ConfigError> {
         let from_file = |name: &str| file.and_then(|f| f.get(name));
-        Config::from_lookup(|name| env(name).or_else(|| from_file(name).map(|e| e.value.clone())))
-            .map_err(|mut e| {
-                if let (None, Some(f), Some(entry)) = (env(e.variable), file, from_file(e.variable))
-                {
-                    e.origin = Some(format!(
-                        "--env-file {} line {}",
-                        f.path().display(),
-                        entry.line
-                    ));
-                }
-                e
-            })
+        // `NAME` and `NAME_FILE` come from the same layer: the first that
+        // sets either of them.
+        let env_sets = |name: &str| env(name).is_some() || env(&format!("{name}_FILE")).is_some();
+        Config::from_lookup(|name| {
+            let base = name.strip_suffix(FILE_SUFFIX).unwrap_or(name);
+            if env_sets(base) {
+                env(name)
+            } else {
+                from_file(name).map(|e| e.value.clone())
+            }
+        })
+        .map_err(|mut e| {
+            if let (None, Some(f), Some(entry)) = (env(&e.variable), file, from_file(&e.variable)) {
+                e.origin = Some(format!(
+                    "--env-file {} line {}",
+                    f.path().display(),
+                    entry.line
+                ));
+            }
+            e
+        })
     }
 
     /// Same as [`Config::from_env`] with an explicit lookup, for tests.
     /// A variable that is set (even to "") wins over its default.
+    ///
+    /// Each variable `NAME` may instead be given as `NAME_FILE`, the path
+    /// of a file holding the value (one trailing newline dropped).
+    ///
+    /// Errors: both `NAME` and `NAME_FILE` set, a `NAME_FILE` that cannot
+    /// be read, or the first value that does not parse.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let mut values = std::collections::HashMap::with_capacity(VARIABLES.len());
+        let mut files = std::collections::HashMap::new();
+        for v in VARIABLES {
+            let file_var = format!("{}{FILE_SUFFIX}", v.name);
+            let value = match (lookup(v.name), lookup(&file_var)) {
+                (Some(given), Some(_)) => {
+                    return Err(err(
+                        v.name,
+                        &given,
+                        &format!("either {} or {file_var}, not both", v.name),
+                    ))
+                }
+                (Some(given), None) => given,
+                (None, Some(path)) => {
+                    let value = read_value_file(&file_var, &path)?;
+                    files.insert(v.name, std::path::PathBuf::from(path));
+                    value
+                }
+                (None, None) => v.default.to_string(),
+            };
+            values.insert(v.name, value);
+        }
         let get = |name: &'static str| -> String {
-            lookup(name).unwrap_or_else(|| {
-                VARIABLES
-                    .iter()
-                    .find(|v| v.name == name)
-                    .map(|v| v.default.to_string())
-                    .expect("every variable read is listed in VARIABLES")
-            })
+            values
+                .get(name)
+                .cloned()
+                .expect("every variable read is listed in VARIABLES")
         };
         let non_empty = |name: &'static str| -> Result<String, ConfigError> {
             let v = get(name);
@@ -275,13 +460,13 @@ impl Config {
         };
         let es = get("ELASTICSEARCH_URL");
         let es_ok = |u: &str| {
-            u.starts_with("http://")
+            (u.starts_with("http://") || (TLS && u.starts_with("https://")))
                 && u.parse::<ureq::http::Uri>()
                     .is_ok_and(|uri| uri.host().is_some_and(|h| !h.is_empty()))
         };
         let elasticsearch_url = if es.is_empty() {
             None
-        } else if es.starts_with("https://") {
+        } else if !TLS && es.starts_with("https://") {
             return Err(err("ELASTICSEARCH_URL", &es, NO_TLS_HTTP));
         } else if es_ok(&es) {
             Some(es.trim_end_matches('/').to_string())
@@ -289,27 +474,33 @@ impl Config {
             return Err(err(
                 "ELASTICSEARCH_URL",
                 &es,
-                "an http:// URL with a host, or empty",
+                "an http:// or https:// URL with a host, or empty",
             ));
         };
         let redis_url = non_empty("REDIS_URL")?;
-        if redis_url.starts_with("rediss://") {
+        if !TLS && redis_url.starts_with("rediss://") {
             return Err(err("REDIS_URL", &redis_url, NO_TLS_REDIS));
         }
-        if !redis_url.starts_with("redis://") || redis::Client::open(redis_url.as_str()).is_err() {
-            return Err(err("REDIS_URL", &redis_url, "a redis://host:port/db URL"));
+        if !(redis_url.starts_with("redis://") || redis_url.starts_with("rediss://"))
+            || redis::Client::open(redis_url.as_str()).is_err()
+        {
+            return Err(err(
+                "REDIS_URL",
+                &redis_url,
+                "a redis://host:port/db or rediss://host:port/db URL",
+            ));
         }
         let rabbitmq_url = non_empty("RABBITMQ_URL")?;
-        if rabbitmq_url.starts_with("amqps://") {
+        if !TLS && rabbitmq_url.starts_with("amqps://") {
             return Err(err("RABBITMQ_URL", &rabbitmq_url, NO_TLS_AMQP));
         }
-        if !rabbitmq_url.starts_with("amqp://")
+        if !(rabbitmq_url.starts_with("amqp://") || rabbitmq_url.starts_with("amqps://"))
             || rabbitmq_url.parse::<lapin::uri::AMQPUri>().is_err()
         {
             return Err(err(
                 "RABBITMQ_URL",
                 &rabbitmq_url,
-                "an amqp://user:pass@host:port/vhost URL",
+                "an amqp://user:pass@host:port/vhost or amqps://... URL",
             ));
         }
         let index = non_empty("ELASTICSEARCH_INDEX")?;
@@ -372,6 +563,36 @@ impl Config {
                 ))
             }
         };
+        let mode_raw = get("DATABASE_SSL_MODE");
+        let database_ssl_mode = SslMode::parse(&mode_raw).ok_or_else(|| {
+            err(
+                "DATABASE_SSL_MODE",
+                &mode_raw,
+                "one of disabled, preferred, required, verify_ca, verify_identity",
+            )
+        })?;
+        if !TLS && !matches!(database_ssl_mode, SslMode::Disabled | SslMode::Preferred) {
+            return Err(err("DATABASE_SSL_MODE", &mode_raw, NO_TLS_MYSQL));
+        }
+        let mut tls = TlsSettings::default();
+        for service in Service::ALL {
+            *tls.of_mut(service) = tls_settings(service, &get)?;
+        }
+        let key_raw = get("ELASTICSEARCH_API_KEY");
+        let elasticsearch_api_key = if key_raw.is_empty() {
+            None
+        } else if key_raw.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+            Some(ApiKey {
+                value: key_raw,
+                file: files.get("ELASTICSEARCH_API_KEY").cloned(),
+            })
+        } else {
+            return Err(err(
+                "ELASTICSEARCH_API_KEY",
+                &key_raw,
+                "printable ASCII (the encoded key Elasticsearch hands out)",
+            ));
+        };
         let http_raw = get("HTTP_ADDR");
         let http_addr = crate::http::parse_addr(&http_raw)
             .map_err(|expected| err("HTTP_ADDR", &http_raw, expected))?;
@@ -403,6 +624,9 @@ impl Config {
             retry_delays,
             http_addr,
             log_level,
+            database_ssl_mode,
+            tls,
+            elasticsearch_api_key,
         })
     }
 }
@@ -412,7 +636,7 @@ impl Config {
 const URL_VARIABLES: [&str; 3] = ["REDIS_URL", "RABBITMQ_URL", "ELASTICSEARCH_URL"];
 
 /// Variables whose whole value is a secret: messages show `***` instead.
-pub const SECRET_VARIABLES: [&str; 1] = ["DATABASE_PASSWORD"];
+pub const SECRET_VARIABLES: [&str; 2] = ["DATABASE_PASSWORD", "ELASTICSEARCH_API_KEY"];
 
 /// `value` of `variable` as it may appear in a message or a log line.
 fn shown_value(variable: &str, value: &str) -> String {
@@ -449,20 +673,182 @@ pub fn redact_url(url: &str) -> String {
     format!("{}***{}", &url[..start + colon + 1], &rest[at..])
 }
 
-/// This build has no TLS (no TLS library is linked: the binary stays
-/// small); a TLS URL is refused at start rather than failing on every
-/// connection attempt. Terminate TLS in front of the writer (a sidecar or
-/// a local proxy) instead.
-const NO_TLS_HTTP: &str =
-    "an http:// URL (this build has no TLS; put a TLS-terminating proxy in front for https)";
-const NO_TLS_REDIS: &str =
-    "a redis:// URL (this build has no TLS; put a TLS-terminating proxy in front for rediss)";
-const NO_TLS_AMQP: &str =
-    "an amqp:// URL (this build has no TLS; put a TLS-terminating proxy in front for amqps)";
+/// Whether this build speaks TLS (the `tls` cargo feature, on by default).
+const TLS: bool = cfg!(feature = "tls");
 
-fn err(variable: &'static str, value: &str, expected: &str) -> ConfigError {
+/// The suffix of the variable that names a file holding a variable's value
+/// (`DATABASE_PASSWORD_FILE`), the Docker and Kubernetes secrets convention.
+pub const FILE_SUFFIX: &str = "_FILE";
+
+/// The largest `NAME_FILE` read (a value, a key or an API key, not a bundle).
+const MAX_VALUE_FILE: u64 = 1 << 20;
+
+/// A build without the `tls` feature refuses TLS at start rather than
+/// failing on every connection attempt.
+const NO_TLS_HTTP: &str = "an http:// URL (this build has no TLS: built without the `tls` feature)";
+const NO_TLS_REDIS: &str =
+    "a redis:// URL (this build has no TLS: built without the `tls` feature)";
+const NO_TLS_AMQP: &str = "an amqp:// URL (this build has no TLS: built without the `tls` feature)";
+const NO_TLS_MYSQL: &str =
+    "disabled or preferred (this build has no TLS: built without the `tls` feature)";
+
+/// The value held by the file `path` named by `file_var` (`NAME_FILE`),
+/// one trailing newline (`\n` or `\r\n`) dropped.
+///
+/// Errors: the file cannot be read, is over 1 MiB or is not UTF-8; the
+/// error names `file_var` and the path.
+fn read_value_file(file_var: &str, path: &str) -> Result<String, ConfigError> {
+    let bad = |why: String| err(file_var, path, &format!("a readable file ({why})"));
+    let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
+    if meta.len() > MAX_VALUE_FILE {
+        return Err(bad(format!("{} bytes, over 1 MiB", meta.len())));
+    }
+    let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+    let mut text = String::from_utf8(bytes).map_err(|_| bad("not UTF-8".into()))?;
+    if text.ends_with('\n') {
+        text.pop();
+        if text.ends_with('\r') {
+            text.pop();
+        }
+    }
+    Ok(text)
+}
+
+/// A PEM file named by `variable`, read whole. Errors name the variable
+/// and the file.
+fn read_pem(variable: &str, path: &str) -> Result<tls::PemFile, ConfigError> {
+    let pem = std::fs::read(path)
+        .map_err(|e| err(variable, path, &format!("a readable PEM file ({e})")))?;
+    Ok(tls::PemFile {
+        path: path.into(),
+        pem: pem.into(),
+    })
+}
+
+/// The `<S>_TLS_*` variables of `service`, with every file read and
+/// parsed now, so that a bad file stops the writer at start (exit 2)
+/// instead of failing each connection attempt.
+fn tls_settings(
+    service: Service,
+    get: &impl Fn(&'static str) -> String,
+) -> Result<tls::Settings, ConfigError> {
+    let p = service.prefix();
+    let [ca_var, cert_var, key_var, insecure_var] = match service {
+        Service::Rabbitmq => [
+            "RABBITMQ_TLS_CA_FILE",
+            "RABBITMQ_TLS_CERT_FILE",
+            "RABBITMQ_TLS_KEY_FILE",
+            "RABBITMQ_TLS_INSECURE",
+        ],
+        Service::Mysql => [
+            "DATABASE_TLS_CA_FILE",
+            "DATABASE_TLS_CERT_FILE",
+            "DATABASE_TLS_KEY_FILE",
+            "DATABASE_TLS_INSECURE",
+        ],
+        Service::Redis => [
+            "REDIS_TLS_CA_FILE",
+            "REDIS_TLS_CERT_FILE",
+            "REDIS_TLS_KEY_FILE",
+            "REDIS_TLS_INSECURE",
+        ],
+        Service::Elasticsearch => [
+            "ELASTICSEARCH_TLS_CA_FILE",
+            "ELASTICSEARCH_TLS_CERT_FILE",
+            "ELASTICSEARCH_TLS_KEY_FILE",
+            "ELASTICSEARCH_TLS_INSECURE",
+        ],
+    };
+    debug_assert!(ca_var.starts_with(p));
+    let insecure_raw = get(insecure_var);
+    let insecure = match insecure_raw.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" => true,
+        "false" | "0" | "no" | "" => false,
+        _ => return Err(err(insecure_var, &insecure_raw, "true or false")),
+    };
+    let (ca, cert, key) = (get(ca_var), get(cert_var), get(key_var));
+    if !TLS {
+        for (var, value) in [(ca_var, &ca), (cert_var, &cert), (key_var, &key)] {
+            if !value.is_empty() {
+                return Err(err(
+                    var,
+                    value,
+                    "unset (this build has no TLS: built without the `tls` feature)",
+                ));
+            }
+        }
+        if insecure {
+            return Err(err(
+                insecure_var,
+                &insecure_raw,
+                "false (this build has no TLS: built without the `tls` feature)",
+            ));
+        }
+        return Ok(tls::Settings::default());
+    }
+    let mut settings = tls::Settings {
+        insecure,
+        ..tls::Settings::default()
+    };
+    if !ca.is_empty() {
+        let file = read_pem(ca_var, &ca)?;
+        check(ca_var, &ca, tls_check_certificates(&file))?;
+        settings.ca = Some(file);
+    }
+    match (cert.is_empty(), key.is_empty()) {
+        (true, true) => {}
+        (false, true) => return Err(err(key_var, "", &format!("set together with {cert_var}"))),
+        (true, false) => return Err(err(cert_var, "", &format!("set together with {key_var}"))),
+        (false, false) => {
+            let (c, k) = (read_pem(cert_var, &cert)?, read_pem(key_var, &key)?);
+            check(cert_var, &cert, tls_check_certificates(&c))?;
+            check(key_var, &key, tls_check_key(&k))?;
+            settings.identity = Some((c, k));
+        }
+    }
+    // The whole configuration once, as the AMQP connection will build it:
+    // a key that does not match its certificate is found here.
+    check(cert_var, &cert, tls_check_config(&settings))?;
+    Ok(settings)
+}
+
+fn check(variable: &str, path: &str, r: Result<(), String>) -> Result<(), ConfigError> {
+    r.map_err(|why| err(variable, path, &format!("a usable PEM file: {why}")))
+}
+
+#[cfg(feature = "tls")]
+fn tls_check_certificates(f: &tls::PemFile) -> Result<(), String> {
+    tls::certificates(&f.pem).map(drop)
+}
+
+#[cfg(feature = "tls")]
+fn tls_check_key(f: &tls::PemFile) -> Result<(), String> {
+    tls::private_key(&f.pem).map(drop)
+}
+
+#[cfg(feature = "tls")]
+fn tls_check_config(s: &tls::Settings) -> Result<(), String> {
+    tls::client_config(s).map(drop)
+}
+
+#[cfg(not(feature = "tls"))]
+fn tls_check_certificates(_: &tls::PemFile) -> Result<(), String> {
+    Ok(())
+}
+
+#[cfg(not(feature = "tls"))]
+fn tls_check_key(_: &tls::PemFile) -> Result<(), String> {
+    Ok(())
+}
+
+#[cfg(not(feature = "tls"))]
+fn tls_check_config(_: &tls::Settings) -> Result<(), String> {
+    Ok(())
+}
+
+fn err(variable: &str, value: &str, expected: &str) -> ConfigError {
     ConfigError {
-        variable,
+        variable: variable.to_string(),
         value: shown_value(variable, value),
         expected: expected.to_string(),
         origin: None,
@@ -558,7 +944,8 @@ mod tests {
             .take_while(|l| l.starts_with('|'))
             .filter_map(|l| {
                 let mut cells = l.split('|').map(str::trim).skip(1);
-                Some((cells.next()?, cells.next()?))
+                let (name, default) = (cells.next()?, cells.next()?);
+                Some((name, if default == "(empty)" { "" } else { default }))
             })
             .collect();
         let want: Vec<(&str, &str)> = VARIABLES.iter().map(|v| (v.name, v.default)).collect();
@@ -658,20 +1045,155 @@ mod tests {
         }
     }
 
-    /// TLS URLs are refused at start (no TLS library in this build) with
-    /// the reason, instead of failing on every connection attempt.
+    /// Without the `tls` feature TLS URLs are refused at start with the
+    /// reason, instead of failing on every connection attempt; with it
+    /// they are taken as they are.
     #[test]
-    fn tls_urls_are_refused_with_the_reason() {
+    fn tls_urls_need_the_tls_feature() {
         for (var, val, form) in [
             ("ELASTICSEARCH_URL", "https://es:9200", NO_TLS_HTTP),
             ("RABBITMQ_URL", "amqps://u:p@mq:5671/", NO_TLS_AMQP),
             ("REDIS_URL", "rediss://cache:6380/0", NO_TLS_REDIS),
+            ("DATABASE_SSL_MODE", "verify_identity", NO_TLS_MYSQL),
         ] {
-            let e = cfg(&[(var, val)]).unwrap_err();
-            assert_eq!(e.variable, var);
-            assert_eq!(e.expected, form);
-            assert!(e.to_string().contains("this build has no TLS"), "{e}");
+            if TLS {
+                assert!(cfg(&[(var, val)]).is_ok(), "{var}={val}");
+            } else {
+                let e = cfg(&[(var, val)]).unwrap_err();
+                assert_eq!(e.variable, var);
+                assert_eq!(e.expected, form);
+                assert!(e.to_string().contains("this build has no TLS"), "{e}");
+            }
         }
+    }
+
+    /// A unique scratch directory for one test's files.
+    fn scratch(tag: &str) -> std::path::PathBuf {
+        let d =
+            std::env::temp_dir().join(format!("chat-writer-config-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn any_variable_may_come_from_a_file() {
+        let d = scratch("file");
+        let pw = d.join("pw");
+        std::fs::write(&pw, "s3cret\n").unwrap();
+        let pw = pw.to_str().unwrap();
+        let c = cfg(&[("DATABASE_PASSWORD_FILE", pw)]).unwrap();
+        assert_eq!(
+            c.database_password, "s3cret",
+            "one trailing newline dropped"
+        );
+        let crlf = d.join("crlf");
+        std::fs::write(&crlf, "42\r\n").unwrap();
+        let c = cfg(&[("RABBITMQ_PREFETCH_COUNT_FILE", crlf.to_str().unwrap())]).unwrap();
+        assert_eq!(c.prefetch, 42);
+        let two = d.join("two");
+        std::fs::write(&two, "k\n\n").unwrap();
+        let c = cfg(&[("ELASTICSEARCH_API_KEY_FILE", two.to_str().unwrap())]);
+        assert_eq!(
+            c.unwrap_err().variable,
+            "ELASTICSEARCH_API_KEY",
+            "only one newline dropped"
+        );
+        let key = d.join("key");
+        std::fs::write(&key, "a2V5OnNlY3JldA==").unwrap();
+        let c = cfg(&[("ELASTICSEARCH_API_KEY_FILE", key.to_str().unwrap())]).unwrap();
+        let k = c.elasticsearch_api_key.unwrap();
+        assert_eq!(
+            (k.value.as_str(), k.file.as_deref()),
+            ("a2V5OnNlY3JldA==", Some(key.as_path()))
+        );
+        assert!(!format!("{:?}", c.database_password).is_empty());
+
+        let e = cfg(&[("DATABASE_PASSWORD", "x"), ("DATABASE_PASSWORD_FILE", pw)]).unwrap_err();
+        assert_eq!(e.variable, "DATABASE_PASSWORD");
+        assert_eq!(
+            e.expected,
+            "either DATABASE_PASSWORD or DATABASE_PASSWORD_FILE, not both"
+        );
+        assert!(
+            !e.to_string().contains("\"x\""),
+            "the secret is not shown: {e}"
+        );
+
+        let missing = d.join("missing");
+        let e = cfg(&[("DATABASE_PASSWORD_FILE", missing.to_str().unwrap())]).unwrap_err();
+        assert_eq!(e.variable, "DATABASE_PASSWORD_FILE");
+        assert!(e.to_string().contains(missing.to_str().unwrap()), "{e}");
+        assert!(e.to_string().contains("No such file"), "{e}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn the_environment_layer_sets_name_and_name_file_together() {
+        let d = scratch("layers");
+        let pw = d.join("pw");
+        std::fs::write(&pw, "from-file").unwrap();
+        let pw = pw.to_str().unwrap().to_string();
+        // NAME_FILE in the environment wins over NAME in the --env-file.
+        let c = layered(
+            &[("DATABASE_PASSWORD_FILE", &pw)],
+            "DATABASE_PASSWORD=in-env-file\n",
+        )
+        .unwrap();
+        assert_eq!(c.database_password, "from-file");
+        // Both in the --env-file: refused, with the file and line.
+        let e = layered(
+            &[],
+            &format!("DATABASE_PASSWORD=a\nDATABASE_PASSWORD_FILE={pw}\n"),
+        )
+        .unwrap_err();
+        assert_eq!(e.variable, "DATABASE_PASSWORD");
+        assert_eq!(e.origin.as_deref(), Some("--env-file /etc/cw.env line 1"));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn tls_files_are_checked_at_start() {
+        if !TLS {
+            let e = cfg(&[("REDIS_TLS_CA_FILE", "/x.pem")]).unwrap_err();
+            assert_eq!(e.variable, "REDIS_TLS_CA_FILE");
+            return;
+        }
+        let d = scratch("tls");
+        let not_pem = d.join("ca.txt");
+        std::fs::write(&not_pem, "hello").unwrap();
+        let not_pem = not_pem.to_str().unwrap();
+        let e = cfg(&[("REDIS_TLS_CA_FILE", not_pem)]).unwrap_err();
+        assert_eq!(e.variable, "REDIS_TLS_CA_FILE");
+        assert!(e.to_string().contains(not_pem), "{e}");
+        assert!(e.to_string().contains("no PEM CERTIFICATE block"), "{e}");
+
+        let missing = d.join("nope.pem");
+        let missing = missing.to_str().unwrap();
+        let e = cfg(&[("RABBITMQ_TLS_CA_FILE", missing)]).unwrap_err();
+        assert_eq!(e.variable, "RABBITMQ_TLS_CA_FILE");
+        assert!(e.to_string().contains(missing), "{e}");
+
+        let e = cfg(&[("DATABASE_TLS_CERT_FILE", not_pem)]).unwrap_err();
+        assert_eq!(e.variable, "DATABASE_TLS_KEY_FILE");
+        assert_eq!(e.expected, "set together with DATABASE_TLS_CERT_FILE");
+        let e = cfg(&[("ELASTICSEARCH_TLS_KEY_FILE", not_pem)]).unwrap_err();
+        assert_eq!(e.variable, "ELASTICSEARCH_TLS_CERT_FILE");
+
+        let e = cfg(&[("REDIS_TLS_INSECURE", "maybe")]).unwrap_err();
+        assert_eq!(e.variable, "REDIS_TLS_INSECURE");
+        assert!(
+            cfg(&[("REDIS_TLS_INSECURE", "true")])
+                .unwrap()
+                .tls
+                .redis
+                .insecure
+        );
+        assert!(!cfg(&[]).unwrap().tls.redis.insecure);
+
+        let e = cfg(&[("DATABASE_SSL_MODE", "on")]).unwrap_err();
+        assert_eq!(e.variable, "DATABASE_SSL_MODE");
+        assert_eq!(cfg(&[]).unwrap().database_ssl_mode, SslMode::Preferred);
+        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]
@@ -714,25 +1236,25 @@ mod tests {
                 "REDIS_URL",
                 "redis://:secretpw@host:6379/x",
                 "invalid configuration: REDIS_URL=\"redis://:***@host:6379/x\": \
-                 expected a redis://host:port/db URL",
+                 expected a redis://host:port/db or rediss://host:port/db URL",
             ),
             (
                 "RABBITMQ_URL",
                 "amqp://user:secretpw@host:99999/",
                 "invalid configuration: RABBITMQ_URL=\"amqp://user:***@host:99999/\": \
-                 expected an amqp://user:pass@host:port/vhost URL",
+                 expected an amqp://user:pass@host:port/vhost or amqps://... URL",
             ),
             (
                 "RABBITMQ_URL",
                 "user:secretpw@host:5672/",
                 "invalid configuration: RABBITMQ_URL=\"user:***@host:5672/\": \
-                 expected an amqp://user:pass@host:port/vhost URL",
+                 expected an amqp://user:pass@host:port/vhost or amqps://... URL",
             ),
             (
                 "ELASTICSEARCH_URL",
                 "ftp://elastic:secretpw@es:9200",
                 "invalid configuration: ELASTICSEARCH_URL=\"ftp://elastic:***@es:9200\": \
-                 expected an http:// URL with a host, or empty",
+                 expected an http:// or https:// URL with a host, or empty",
             ),
         ] {
             let e = cfg(&[(var, val)]).unwrap_err();
@@ -749,7 +1271,10 @@ mod tests {
 
     #[test]
     fn retry_delays_empty_means_none_and_tiers_are_at_least_1ms() {
-        assert_eq!(cfg(&[("RETRY_DELAYS", "")]).unwrap().retry_delays, []);
+        assert_eq!(
+            cfg(&[("RETRY_DELAYS", "")]).unwrap().retry_delays,
+            Vec::<Duration>::new()
+        );
         assert_eq!(
             cfg(&[("RETRY_DELAYS", "1ms, 0.002,1.5s")])
                 .unwrap()

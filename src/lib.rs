@@ -40,6 +40,7 @@ pub mod redis_store;
 pub mod service;
 pub mod shutdown;
 pub mod time;
+pub mod tls;
 
 /// Version line printed by `--version`: crate version, git commit, build
 /// date (UTC), all embedded by `build.rs`.

@@ -120,6 +120,8 @@ fn init_logging(level: log::LevelFilter) {
 }
 
 fn main() -> ExitCode {
+    #[cfg(feature = "tls")]
+    chat_writer::tls::install_provider();
     let raw_args: Vec<OsString> = std::env::args_os().skip(1).collect();
     let usage = || usage_exit(&raw_args);
     let mut all_args = Vec::new();
@@ -200,12 +202,11 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             init_logging(cfg.log_level);
-            let Some(url) = cfg.elasticsearch_url.as_deref() else {
+            let Some(client) = chat_writer::elasticsearch::Client::from_config(&cfg) else {
                 eprintln!("chat-writer reindex: ELASTICSEARCH_URL is empty, indexing is disabled");
                 return ExitCode::from(2);
             };
             let store = chat_writer::mysql::Store::new(&cfg);
-            let client = chat_writer::elasticsearch::Client::new(url, &cfg.elasticsearch_index);
             let result = smol::block_on(async {
                 let r = chat_writer::elasticsearch::backfill::reindex(&store, &client).await;
                 store.close().await;
@@ -245,9 +246,10 @@ fn main() -> ExitCode {
             let url = cfg.rabbitmq_url.clone();
             let result = smol::block_on(async {
                 if *action == "show" {
-                    chat_writer::amqp::dlq::show(&url, queue, n.unwrap_or(10)).await
+                    chat_writer::amqp::dlq::show(&url, &cfg.tls.rabbitmq, queue, n.unwrap_or(10))
+                        .await
                 } else {
-                    chat_writer::amqp::dlq::replay(&url, queue, n).await
+                    chat_writer::amqp::dlq::replay(&url, &cfg.tls.rabbitmq, queue, n).await
                 }
             });
             match result {

@@ -176,6 +176,19 @@ pub struct Metrics {
     index_oldest_in_hand_us: AtomicI64,
     /// Set by the first SIGTERM/SIGINT: no longer ready.
     shutting_down: std::sync::atomic::AtomicBool,
+    /// The last failure of each dependency, until it works again: its text
+    /// and whether it is a refusal (TLS or credentials).
+    failures: std::sync::Mutex<Vec<(Dependency, Failure)>>,
+}
+
+/// Why a dependency failed last.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    /// One line: what happened, with the reason.
+    pub text: String,
+    /// A TLS failure or refused credentials: an operator has to act, and
+    /// `/readyz` says so even for Redis and Elasticsearch.
+    pub refused: bool,
 }
 
 impl Metrics {
@@ -210,6 +223,7 @@ impl Metrics {
             index_in_hand: AtomicI64::new(0),
             index_oldest_in_hand_us: AtomicI64::new(0),
             shutting_down: std::sync::atomic::AtomicBool::new(false),
+            failures: std::sync::Mutex::new(Vec::new()),
             registry: Registry::default(),
         };
         let build: Family<BuildLabels, Gauge> = Family::default();
@@ -425,6 +439,30 @@ impl Metrics {
     }
 
     /// `chat_writer_up{dependency}`.
+    /// Records why `dependency` failed (`Some`), or that it works again
+    /// (`None`). A failure is a refusal when [`crate::tls::refusal`]
+    /// recognises it or `refused` says so (an HTTP 401 or 403).
+    pub fn set_failure(&self, dependency: Dependency, failure: Option<(String, bool)>) {
+        let Ok(mut all) = self.failures.lock() else {
+            return;
+        };
+        all.retain(|(d, _)| *d != dependency);
+        if let Some((text, refused)) = failure {
+            let refused = refused || crate::tls::refusal(&text).is_some();
+            let text = crate::tls::explain(&text);
+            all.push((dependency, Failure { text, refused }));
+        }
+    }
+
+    /// The last failure of `dependency` since it last worked.
+    pub fn failure(&self, dependency: Dependency) -> Option<Failure> {
+        let all = self.failures.lock().ok()?;
+        all.iter()
+            .find(|(d, _)| *d == dependency)
+            .map(|(_, f)| f.clone())
+    }
+
+    /// True if `dependency` is up (its last use or probe worked).
     pub fn is_up(&self, dependency: Dependency) -> bool {
         self.up.get_or_create(&DependencyLabel { dependency }).get() == 1
     }
@@ -447,20 +485,47 @@ pub fn get() -> &'static Metrics {
 
 /// `Ok` when the writer is ready (connected to RabbitMQ and MySQL and
 /// consuming), else the first reason it is not, in one line (`/readyz`).
-pub fn readiness() -> Result<(), &'static str> {
+pub fn readiness() -> Result<(), String> {
     let m = get();
+    let why = |d: Dependency| match m.failure(d) {
+        Some(f) => format!(": {}", f.text),
+        None => String::new(),
+    };
     if m.shutting_down.load(std::sync::atomic::Ordering::Relaxed) {
-        Err("shutting down")
+        return Err("shutting down".into());
     } else if !m.is_up(Dependency::rabbitmq) {
-        Err("rabbitmq: not connected")
+        return Err(format!(
+            "rabbitmq: not connected{}",
+            why(Dependency::rabbitmq)
+        ));
     } else if m.consuming.get() != 1 {
-        Err("rabbitmq: not consuming")
+        return Err("rabbitmq: not consuming".into());
     } else if !m.is_up(Dependency::mysql) {
-        Err("mysql: not answering")
+        return Err(format!("mysql: not answering{}", why(Dependency::mysql)));
     } else if m.consumers_paused.get() > 0 {
-        Err("mysql: consumers paused after failed writes")
-    } else {
-        Ok(())
+        return Err("mysql: consumers paused after failed writes".into());
+    }
+    // Redis or the search server refusing the writer (TLS, credentials)
+    // does not stop rows from landing, but will not heal by itself.
+    for d in [
+        Dependency::mysql,
+        Dependency::redis,
+        Dependency::elasticsearch,
+    ] {
+        if let Some(f) = m.failure(d).filter(|f| f.refused) {
+            return Err(format!("{}: {}", dependency_name(d), f.text));
+        }
+    }
+    Ok(())
+}
+
+/// The name of `d` in `/readyz` and the logs.
+pub fn dependency_name(d: Dependency) -> &'static str {
+    match d {
+        Dependency::rabbitmq => "rabbitmq",
+        Dependency::mysql => "mysql",
+        Dependency::redis => "redis",
+        Dependency::elasticsearch => "elasticsearch",
     }
 }
 
@@ -493,15 +558,45 @@ mod tests {
             "chat_writer.index"
         );
         assert_eq!(Metrics::queue("create_messages.dlq").queue, "other");
-        assert_eq!(readiness(), Err("rabbitmq: not connected"));
+        let err = |s: &str| Err(s.to_string());
+        assert_eq!(readiness(), err("rabbitmq: not connected"));
+        m.set_failure(
+            Dependency::rabbitmq,
+            Some(("connection refused".into(), false)),
+        );
+        assert_eq!(
+            readiness(),
+            err("rabbitmq: not connected: connection refused")
+        );
+        m.set_failure(Dependency::rabbitmq, None);
         m.set_up(Dependency::rabbitmq, true);
-        assert_eq!(readiness(), Err("rabbitmq: not consuming"));
+        assert_eq!(readiness(), err("rabbitmq: not consuming"));
         m.consuming.set(1);
-        assert_eq!(readiness(), Err("mysql: not answering"));
+        assert_eq!(readiness(), err("mysql: not answering"));
         m.set_up(Dependency::mysql, true);
         assert_eq!(readiness(), Ok(()));
+        // Redis down is not a readiness matter; Redis refusing the writer is.
+        m.set_failure(Dependency::redis, Some(("timed out".into(), false)));
+        assert_eq!(readiness(), Ok(()));
+        let tls = "invalid peer certificate: UnknownIssuer";
+        m.set_failure(Dependency::redis, Some((tls.into(), false)));
+        assert_eq!(
+            readiness(),
+            err(&format!("redis: {}", crate::tls::explain(tls)))
+        );
+        m.set_failure(Dependency::redis, None);
+        m.set_failure(
+            Dependency::elasticsearch,
+            Some(("401 security_exception: missing credentials".into(), true)),
+        );
+        assert_eq!(
+            readiness(),
+            err("elasticsearch: 401 security_exception: missing credentials")
+        );
+        m.set_failure(Dependency::elasticsearch, None);
+        assert_eq!(readiness(), Ok(()));
         m.set_shutting_down();
-        assert_eq!(readiness(), Err("shutting down"));
+        assert_eq!(readiness(), err("shutting down"));
         assert_eq!(m.consuming.get(), 0);
         m.set_up(Dependency::rabbitmq, false);
     }

@@ -14,6 +14,8 @@
 //! at info under load.
 
 use crate::amqp::WORK_QUEUES;
+use crate::config::Config;
+use crate::elasticsearch::Client;
 use crate::metrics::{self, Dependency, Metrics};
 use crate::redis_store::Redis;
 use crate::shutdown::Shutdown;
@@ -41,50 +43,81 @@ async fn within<T>(d: Duration, f: impl std::future::Future<Output = T>) -> Opti
 /// missing, dropped after a failure): true if MySQL answered in time. Its
 /// own connection, not the pool's, so a pool busy with batches waiting on
 /// locks does not read as MySQL being down.
-pub async fn probe_mysql(opts: &Opts, conn: &mut Option<Conn>) -> bool {
+/// With DATABASE_SSL_MODE=preferred, `plain` is tried when the server
+/// offers no TLS. Records the failure (or its end) for `/readyz`.
+pub async fn probe_mysql(opts: &Opts, plain: Option<&Opts>, conn: &mut Option<Conn>) -> bool {
     let ping = Compat::new(async {
         if conn.is_none() {
-            *conn = Some(Conn::new(opts.clone()).await?);
+            *conn = Some(crate::mysql::connect_with(opts, plain).await?);
         }
         match conn.as_mut() {
             Some(c) => c.query_drop("SELECT 1").await,
             None => Ok(()),
         }
     });
-    let ok = matches!(within(PROBE_TIMEOUT, ping).await, Some(Ok(())));
+    let failure = match within(PROBE_TIMEOUT, ping).await {
+        Some(Ok(())) => None,
+        Some(Err(e)) => Some(e.to_string()),
+        None => Some(format!("no answer within {} s", PROBE_TIMEOUT.as_secs())),
+    };
+    let ok = failure.is_none();
     if !ok {
         // Dropped inside the adapter: the driver closes it on its runtime.
         Compat::new(async { drop(conn.take()) }).await;
     }
+    let where_ = format!("{}:{}", opts.ip_or_hostname(), opts.tcp_port());
+    metrics::get().set_failure(
+        Dependency::mysql,
+        failure.map(|f| (format!("{where_}: {}", f.replace('\n', " ")), false)),
+    );
     ok
 }
 
 /// `PING`: true if Redis answered in time (the connection is reset
-/// otherwise, so the next use reconnects).
+/// otherwise, so the next use reconnects). Records the failure (or its
+/// end) for `/readyz`.
 pub async fn probe_redis(redis: &Redis) -> bool {
     let ping = async {
         let mut conn = redis.conn().await?;
         redis::cmd("PING").query_async::<String>(&mut conn).await
     };
-    let ok = matches!(within(PROBE_TIMEOUT, ping).await, Some(Ok(_)));
+    let failure = match within(PROBE_TIMEOUT, ping).await {
+        Some(Ok(_)) => None,
+        Some(Err(e)) => Some(e.to_string()),
+        None => Some(format!("no answer within {} s", PROBE_TIMEOUT.as_secs())),
+    };
+    let ok = failure.is_none();
     if !ok {
         redis.reset();
     }
+    metrics::get().set_failure(
+        Dependency::redis,
+        failure.map(|f| (format!("{}: {f}", redis.address()), false)),
+    );
     ok
 }
 
-/// `GET /` of the Elasticsearch base URL on smol's blocking pool: true if
-/// it answered in time with a status under 500 (401 or 403 still mean the
-/// server is there).
-pub async fn probe_elasticsearch(agent: &ureq::Agent, base: &str) -> bool {
-    let (agent, url) = (agent.clone(), format!("{base}/"));
-    smol::unblock(move || {
-        agent
-            .get(&url)
-            .call()
-            .is_ok_and(|r| r.status().as_u16() < 500)
-    })
-    .await
+/// `GET /` of the Elasticsearch base URL: true if it answered in time
+/// with a status under 500 (401 or 403 still mean the server is there,
+/// but are recorded as a refusal for `/readyz` and logged once per change).
+pub async fn probe_elasticsearch(client: &Client) -> bool {
+    let m = metrics::get();
+    let (up, failure) = match client.ping().await {
+        Ok(()) => (true, None),
+        Err((Some(status), line)) => (status < 500, Some((line, matches!(status, 401 | 403)))),
+        Err((None, line)) => (false, Some((line, false))),
+    };
+    if let Some((line, _)) = failure.as_ref().filter(|(l, refused)| {
+        (*refused || crate::tls::refusal(l).is_some())
+            && m.failure(Dependency::elasticsearch).map(|f| f.text) != Some(crate::tls::explain(l))
+    }) {
+        log::error!(
+            "elasticsearch: {}; documents wait in the index queue until this is fixed",
+            crate::tls::explain(line)
+        );
+    }
+    m.set_failure(Dependency::elasticsearch, failure);
+    up
 }
 
 /// Totals of the per-queue counters, for rates.
@@ -126,33 +159,34 @@ fn state(d: Dependency) -> &'static str {
 /// Probes until shutdown and logs the summary line. `elasticsearch`: its
 /// base URL when indexing is on (not probed, and omitted from the summary,
 /// otherwise).
-pub async fn run(
-    mysql: Opts,
-    redis: std::rc::Rc<Redis>,
-    elasticsearch: Option<String>,
-    shutdown: Shutdown,
-) {
+pub async fn run(cfg: &Config, redis: std::rc::Rc<Redis>, shutdown: Shutdown) {
     let m = metrics::get();
+    let db = Some(cfg.database_name.as_str());
+    let (mysql, mysql_plain) = (
+        crate::mysql::opts(cfg, db),
+        crate::mysql::fallback_opts(cfg, db),
+    );
+    let elasticsearch = cfg.elasticsearch_url.as_deref().map(|base| {
+        Client::with(
+            base,
+            &cfg.elasticsearch_index,
+            &cfg.tls.elasticsearch,
+            cfg.elasticsearch_api_key.as_ref(),
+            PROBE_TIMEOUT,
+        )
+    });
     let indexing = elasticsearch.is_some();
-    let es_agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(PROBE_TIMEOUT))
-        .build()
-        .into();
     let mut probe_conn: Option<Conn> = None;
     let mut last = totals();
     let mut last_at = Instant::now();
     loop {
         m.set_up(
             Dependency::mysql,
-            probe_mysql(&mysql, &mut probe_conn).await,
+            probe_mysql(&mysql, mysql_plain.as_ref(), &mut probe_conn).await,
         );
         m.set_up(Dependency::redis, probe_redis(&redis).await);
-        if let Some(base) = &elasticsearch {
-            m.set_up(
-                Dependency::elasticsearch,
-                probe_elasticsearch(&es_agent, base).await,
-            );
+        if let Some(client) = &elasticsearch {
+            m.set_up(Dependency::elasticsearch, probe_elasticsearch(client).await);
         }
         m.refresh_index_lag(crate::time::now_micros());
         if last_at.elapsed() >= SUMMARY_EVERY {

@@ -29,12 +29,19 @@ pub struct Redis {
 }
 
 impl Redis {
-    /// Parses `url`; connects on first use.
+    /// Parses `url`; connects on first use. A `rediss://` URL connects
+    /// over TLS with the trust, client certificate and verification switch
+    /// of `tls` (REDIS_TLS_*); a `redis://` URL ignores them.
     ///
     /// Errors: the URL does not parse (reported as bad REDIS_URL).
-    pub fn new(url: &str) -> RedisResult<Redis> {
+    pub fn new(url: &str, tls: &crate::tls::Settings) -> RedisResult<Redis> {
+        let client = if url.starts_with("rediss://") {
+            tls_client(url, tls)?
+        } else {
+            Client::open(url)?
+        };
         Ok(Redis {
-            client: Client::open(url)?,
+            client,
             conn: RefCell::new(None),
         })
     }
@@ -56,10 +63,58 @@ impl Redis {
         Ok(c)
     }
 
+    /// `host:port` of the server, for messages.
+    pub fn address(&self) -> String {
+        self.client.get_connection_info().addr().to_string()
+    }
+
     /// Forgets the connection after an error; the next call reconnects.
     pub fn reset(&self) {
         self.conn.borrow_mut().take();
     }
+}
+
+/// A `rediss://` client. redis-rs takes a CA bundle instead of its public
+/// roots, so a REDIS_TLS_CA_FILE is handed over together with them.
+#[cfg(feature = "tls")]
+fn tls_client(url: &str, tls: &crate::tls::Settings) -> RedisResult<Client> {
+    use redis::{ClientTlsConfig, ConnectionAddr, IntoConnectionInfo, TlsCertificates};
+    let mut info = url.into_connection_info()?;
+    if tls.insecure {
+        if let ConnectionAddr::TcpTls { host, port, .. } = info.addr().clone() {
+            info = info.set_addr(ConnectionAddr::TcpTls {
+                host,
+                port,
+                insecure: true,
+                tls_params: None,
+            });
+        }
+    }
+    if tls.ca.is_none() && tls.identity.is_none() {
+        return Client::open(info);
+    }
+    let invalid = |e: String| redis::RedisError::from(std::io::Error::other(e));
+    let root_cert = match &tls.ca {
+        Some(ca) => Some(crate::tls::root_bundle_pem(ca).map_err(invalid)?),
+        None => None,
+    };
+    let client_tls = tls.identity.as_ref().map(|(cert, key)| ClientTlsConfig {
+        client_cert: cert.pem.to_vec(),
+        client_key: key.pem.to_vec(),
+    });
+    Client::build_with_tls(
+        info,
+        TlsCertificates {
+            client_tls,
+            root_cert,
+        },
+    )
+}
+
+/// Without the `tls` feature `config` refuses `rediss://` at start.
+#[cfg(not(feature = "tls"))]
+fn tls_client(url: &str, _: &crate::tls::Settings) -> RedisResult<Client> {
+    Client::open(url)
 }
 
 /// Markers of one committed batch.

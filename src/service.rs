@@ -57,7 +57,7 @@ async fn serve(ex: &LocalExecutor<'_>, cfg: Config, signals: Signals) -> i32 {
         cfg.shutdown_timeout,
     ))
     .detach();
-    let redis = match Redis::new(&cfg.redis_url) {
+    let redis = match Redis::new(&cfg.redis_url, &cfg.tls.redis) {
         Ok(r) => Rc::new(r),
         Err(e) => {
             log::error!("invalid configuration: REDIS_URL: {e}");
@@ -76,6 +76,15 @@ async fn serve(ex: &LocalExecutor<'_>, cfg: Config, signals: Signals) -> i32 {
         cfg.elasticsearch_index,
         cfg.prefetch
     );
+    for service in crate::tls::Service::ALL {
+        if cfg.tls.of(service).insecure {
+            log::warn!(
+                "{}_TLS_INSECURE=true: the certificate of {} is NOT verified; anyone on the path can read and change the traffic (for test rigs only)",
+                service.prefix(),
+                service.name()
+            );
+        }
+    }
     let _http = match cfg.http_addr {
         None => None,
         Some(addr) => match crate::http::bind(addr) {
@@ -103,12 +112,10 @@ async fn serve(ex: &LocalExecutor<'_>, cfg: Config, signals: Signals) -> i32 {
         ex.spawn(async move { count_sync::run(&sync, every, reconcile, &shutdown).await })
     };
 
-    let monitor = ex.spawn(crate::monitor::run(
-        crate::mysql::opts(&cfg, Some(&cfg.database_name)),
-        redis.clone(),
-        cfg.elasticsearch_url.clone(),
-        shutdown.clone(),
-    ));
+    let monitor = {
+        let (cfg, redis, shutdown) = (cfg.clone(), redis.clone(), shutdown.clone());
+        ex.spawn(async move { crate::monitor::run(&cfg, redis, shutdown).await })
+    };
 
     supervise(ex, &cfg, &store, &marker_tx, &shutdown).await;
     drop(monitor);
@@ -186,10 +193,12 @@ async fn supervise(
         match result {
             Ok(()) => break,
             Err(e) => {
+                let e = crate::tls::explain(&e);
                 log::error!(
                     "rabbitmq: {e}; reconnecting, retry={}",
                     backoff.attempts() + 1
                 );
+                crate::metrics::get().set_failure(Dependency::rabbitmq, Some((e, false)));
                 if !backoff.wait(shutdown).await {
                     break;
                 }
@@ -207,7 +216,7 @@ async fn generation(
     shutdown: &Shutdown,
 ) -> Result<(), String> {
     let connected = smol::future::or(
-        async { Some(amqp::connect(&cfg.rabbitmq_url).await) },
+        async { Some(amqp::connect(&cfg.rabbitmq_url, &cfg.tls.rabbitmq).await) },
         async {
             shutdown.wait().await;
             None
@@ -220,10 +229,8 @@ async fn generation(
     };
     let m = crate::metrics::get();
     m.set_up(Dependency::rabbitmq, true);
-    let es = cfg
-        .elasticsearch_url
-        .as_deref()
-        .map(|u| Client::new(u, &cfg.elasticsearch_index));
+    m.set_failure(Dependency::rabbitmq, None);
+    let es = Client::from_config(cfg);
     let result = async {
         amqp::topology::declare_all(&conn, &cfg.retry_delays, es.is_some())
             .await

@@ -29,8 +29,14 @@ const FAILURE_HEADERS: [&str; 5] = [
     "x-death",
 ];
 
-async fn open(url: &str, queue: &str) -> Result<(Connection, Channel, u32), String> {
-    let conn = connect(url).await.map_err(|e| format!("connect: {e}"))?;
+async fn open(
+    url: &str,
+    tls: &crate::tls::Settings,
+    queue: &str,
+) -> Result<(Connection, Channel, u32), String> {
+    let conn = connect(url, tls)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
     let ch = conn.create_channel().await.map_err(|e| e.to_string())?;
     let dlq = dead_letter_queue(queue);
     let passive = QueueDeclareOptions {
@@ -141,8 +147,13 @@ fn is_invisible_layout(c: char) -> bool {
 /// in the queue. Returns how many were printed.
 ///
 /// Errors: the broker is unreachable or `<queue>.dlq` does not exist.
-pub async fn show(url: &str, queue: &str, n: usize) -> Result<usize, String> {
-    let (conn, ch, depth) = open(url, queue).await?;
+pub async fn show(
+    url: &str,
+    tls: &crate::tls::Settings,
+    queue: &str,
+    n: usize,
+) -> Result<usize, String> {
+    let (conn, ch, depth) = open(url, tls, queue).await?;
     println!("{}: {depth} messages", dead_letter_queue(queue));
     let mut shown = 0;
     while shown < n {
@@ -182,8 +193,13 @@ pub async fn show(url: &str, queue: &str, n: usize) -> Result<usize, String> {
 ///
 /// Errors: the broker is unreachable, `<queue>.dlq` does not exist, or a
 /// publish was not confirmed (that message stays in the `.dlq`).
-pub async fn replay(url: &str, queue: &str, n: Option<usize>) -> Result<usize, String> {
-    let (conn, ch, depth) = open(url, queue).await?;
+pub async fn replay(
+    url: &str,
+    tls: &crate::tls::Settings,
+    queue: &str,
+    n: Option<usize>,
+) -> Result<usize, String> {
+    let (conn, ch, depth) = open(url, tls, queue).await?;
     let publisher = Republisher::open(&conn).await.map_err(|e| e.to_string())?;
     let limit = n.unwrap_or(depth as usize).min(depth as usize);
     let mut moved = 0;

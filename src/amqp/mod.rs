@@ -52,20 +52,37 @@ pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 /// with a copy of the socket kept aside: when the handshake times out, that
 /// copy is shut down, and lapin's thread sees the socket fail and ends
 /// (a dropped attempt would otherwise leave a thread and a socket behind
-/// per timeout). `amqps://` goes through lapin's own connect (this build
-/// has no TLS support, so it fails at once).
+/// per timeout). For `amqps://` (default port 5671) the TLS handshake runs
+/// on that socket too, with the trust and client certificate of `tls`
+/// (RABBITMQ_TLS_*), the broker's certificate checked against the URL's
+/// host (a name or an IP address).
 ///
-/// Errors: lapin's (bad URL, refused, auth, vhost missing), or an I/O
+/// Errors: lapin's (bad URL, refused, auth, vhost missing), a TLS failure
+/// (its text names the reason, see [`crate::tls::refusal`]), or an I/O
 /// `TimedOut` when the broker does not complete the handshake in time; the
 /// caller backs off.
-pub async fn connect(url: &str) -> lapin::Result<Connection> {
+pub async fn connect(url: &str, tls: &crate::tls::Settings) -> lapin::Result<Connection> {
     let mut uri: lapin::uri::AMQPUri = url
         .parse()
         .map_err(|e: String| lapin::Error::from(std::io::Error::other(e)))?;
     uri.query.frame_max.get_or_insert(DEFAULT_FRAME_MAX);
     let props = ConnectionProperties::default().with_connection_name("chat-writer".into());
-    if uri.scheme == lapin::uri::AMQPScheme::AMQPS {
-        return Connection::connect_uri(uri, props).await;
+    let secure = uri.scheme == lapin::uri::AMQPScheme::AMQPS;
+    #[cfg(feature = "tls")]
+    let tls_config = if secure {
+        Some(
+            crate::tls::client_config(tls)
+                .map_err(|e| lapin::Error::from(std::io::Error::other(e)))?,
+        )
+    } else {
+        None
+    };
+    #[cfg(not(feature = "tls"))]
+    if secure {
+        let _ = tls;
+        return Err(lapin::Error::from(std::io::Error::other(
+            "amqps:// needs a build with the `tls` feature",
+        )));
     }
     let socket: Arc<Mutex<Option<TcpStream>>> = Arc::default();
     let kept = socket.clone();
@@ -88,7 +105,16 @@ pub async fn connect(url: &str) -> lapin::Result<Connection> {
                     if let (Ok(copy), Ok(mut slot)) = (stream.get_ref().try_clone(), kept.lock()) {
                         *slot = Some(copy);
                     }
-                    return Ok(lapin::AsyncTcpStream::Plain(stream));
+                    let plain = lapin::AsyncTcpStream::Plain(stream);
+                    #[cfg(feature = "tls")]
+                    if let Some(config) = &tls_config {
+                        let connector = tcp_stream::RustlsConnector::from(config.clone());
+                        return plain
+                            .into_rustls(&connector, &uri.authority.host)
+                            .await
+                            .map_err(lapin::Error::from);
+                    }
+                    return Ok(plain);
                 }
                 Err(e) => last = e,
             }

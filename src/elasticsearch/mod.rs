@@ -62,22 +62,188 @@ pub struct Client {
     agent: ureq::Agent,
     base: Arc<str>,
     index: Arc<str>,
+    auth: Arc<Auth>,
+}
+
+/// The `Authorization: ApiKey` header value, and the file to read it from
+/// again after a 401 or 403 (ELASTICSEARCH_API_KEY_FILE). Credentials in
+/// the base URL's user info are sent as Basic by ureq itself.
+struct Auth {
+    header: std::sync::Mutex<Option<String>>,
+    file: Option<std::path::PathBuf>,
+}
+
+impl Auth {
+    fn header(&self) -> Option<String> {
+        self.header.lock().map(|h| h.clone()).unwrap_or(None)
+    }
+
+    /// After a refusal: reads the key file again and uses its key if it
+    /// changed (a rotated secret). Blocking; runs on the blocking pool.
+    fn reload(&self) {
+        let Some(file) = &self.file else { return };
+        let key = match std::fs::read_to_string(file) {
+            Ok(text) => text
+                .strip_suffix('\n')
+                .unwrap_or(&text)
+                .trim_end_matches('\r')
+                .to_string(),
+            Err(e) => {
+                log::warn!(
+                    "elasticsearch: cannot read ELASTICSEARCH_API_KEY_FILE {}: {e}",
+                    file.display()
+                );
+                return;
+            }
+        };
+        let header = format!("ApiKey {key}");
+        if let Ok(mut h) = self.header.lock() {
+            if h.as_deref() != Some(header.as_str()) && !key.is_empty() {
+                log::info!(
+                    "elasticsearch: ELASTICSEARCH_API_KEY_FILE {} holds a new key; using it",
+                    file.display()
+                );
+                *h = Some(header);
+            }
+        }
+    }
+}
+
+/// The ureq agent for the search server: statuses as values (not errors),
+/// `timeout` for a whole request, 5 s to connect, and for `https://` the
+/// trust, client certificate and verification switch of `tls`
+/// (ELASTICSEARCH_TLS_*).
+pub fn agent(tls: &crate::tls::Settings, timeout: Duration) -> ureq::Agent {
+    let builder = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(timeout))
+        .timeout_connect(Some(Duration::from_secs(5)).filter(|c| *c < timeout));
+    #[cfg(feature = "tls")]
+    let builder = builder.tls_config(tls_config(tls));
+    #[cfg(not(feature = "tls"))]
+    let _ = tls;
+    builder.build().new_agent()
+}
+
+/// ureq's TLS configuration for `s`: rustls with the writer's provider;
+/// the public roots (ureq's own) or, with a CA bundle, the public roots
+/// and the bundle as one list (ureq takes a list instead of adding to its
+/// roots). The files were checked at start.
+#[cfg(feature = "tls")]
+fn tls_config(s: &crate::tls::Settings) -> ureq::tls::TlsConfig {
+    use ureq::tls::{Certificate, ClientCert, PrivateKey, RootCerts, TlsConfig, TlsProvider};
+    let mut b = TlsConfig::builder()
+        .provider(TlsProvider::Rustls)
+        .unversioned_rustls_crypto_provider(crate::tls::provider())
+        .disable_verification(s.insecure);
+    if let Some(ca) = &s.ca {
+        let all = crate::tls::root_certificates(ca).unwrap_or_default();
+        let certs: Vec<Certificate<'static>> = all
+            .iter()
+            .map(|c| Certificate::from_der(c.as_ref()).to_owned())
+            .collect();
+        b = b.root_certs(RootCerts::new_with_certs(&certs));
+    }
+    if let Some((cert, key)) = &s.identity {
+        let chain: Vec<Certificate<'static>> = crate::tls::certificates(&cert.pem)
+            .unwrap_or_default()
+            .iter()
+            .map(|c| Certificate::from_der(c.as_ref()).to_owned())
+            .collect();
+        if let Ok(key) = PrivateKey::from_pem(&key.pem) {
+            b = b.client_cert(Some(ClientCert::new_with_certs(&chain, key)));
+        }
+    }
+    b.build()
 }
 
 impl Client {
     /// `base` like `http://127.0.0.1:9200` (no trailing slash), `index` the
-    /// index or alias name. Requests time out after 60 s.
+    /// index or alias name; plain HTTP (or `https://` with the public
+    /// roots), no API key. Requests time out after 60 s.
     pub fn new(base: &str, index: &str) -> Client {
-        let agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(60)))
-            .timeout_connect(Some(Duration::from_secs(5)))
-            .build()
-            .new_agent();
+        Client::with(
+            base,
+            index,
+            &crate::tls::Settings::default(),
+            None,
+            REQUEST_TIMEOUT,
+        )
+    }
+
+    /// The writer's client: [`Client::new`] with the TLS settings of
+    /// ELASTICSEARCH_TLS_*, the API key of ELASTICSEARCH_API_KEY (or its
+    /// file, read again after a 401 or 403), and `timeout` per request.
+    pub fn with(
+        base: &str,
+        index: &str,
+        tls: &crate::tls::Settings,
+        api_key: Option<&crate::config::ApiKey>,
+        timeout: Duration,
+    ) -> Client {
         Client {
-            agent,
+            agent: agent(tls, timeout),
             base: base.into(),
             index: index.into(),
+            auth: Arc::new(Auth {
+                header: std::sync::Mutex::new(api_key.map(|k| format!("ApiKey {}", k.value))),
+                file: api_key.and_then(|k| k.file.clone()),
+            }),
+        }
+    }
+
+    /// The writer's client for `cfg` (`None` when indexing is off), with
+    /// requests timing out after 60 s.
+    pub fn from_config(cfg: &crate::config::Config) -> Option<Client> {
+        let base = cfg.elasticsearch_url.as_deref()?;
+        Some(Client::with(
+            base,
+            &cfg.elasticsearch_index,
+            &cfg.tls.elasticsearch,
+            cfg.elasticsearch_api_key.as_ref(),
+            REQUEST_TIMEOUT,
+        ))
+    }
+
+    /// `GET /` of the base URL: `Ok` when the server answers 2xx.
+    ///
+    /// Errors, as one line: `"<status> <type>: <reason>"` for an answer
+    /// (401 and 403 also make the client read its key file again), or the
+    /// transport's error (a TLS failure names its reason).
+    pub async fn ping(&self) -> Result<(), (Option<u16>, String)> {
+        let this = self.clone();
+        smol::unblock(move || {
+            let url = format!("{}/", this.base);
+            let mut req = this.agent.get(&url);
+            if let Some(h) = this.auth.header() {
+                req = req.header("Authorization", h);
+            }
+            let mut resp = req.call().map_err(|e| {
+                (
+                    None,
+                    format!("GET {}: {e}", crate::config::redact_url(&url)),
+                )
+            })?;
+            let status = resp.status().as_u16();
+            if (200..300).contains(&status) {
+                return Ok(());
+            }
+            let text = resp
+                .body_mut()
+                .with_config()
+                .limit(64 << 10)
+                .read_to_vec()
+                .unwrap_or_default();
+            this.refused(status);
+            Err((Some(status), answer_line(status, &text)))
+        })
+        .await
+    }
+
+    /// After a 401 or 403: the key file is read again.
+    fn refused(&self, status: u16) {
+        if matches!(status, 401 | 403) {
+            self.auth.reload();
         }
     }
 
@@ -96,17 +262,37 @@ impl Client {
         let this = self.clone();
         smol::unblock(move || {
             let url = format!("{}/{}{path}", this.base, this.index);
+            let auth = this.auth.header();
             let result = match (method, body) {
-                ("PUT", Some(b)) => this
-                    .agent
-                    .put(&url)
-                    .header("Content-Type", "application/json")
-                    .send(b.as_bytes()),
-                ("DELETE", _) => this.agent.delete(&url).call(),
-                _ => this.agent.get(&url).call(),
+                ("PUT", Some(b)) => {
+                    let mut req = this
+                        .agent
+                        .put(&url)
+                        .header("Content-Type", "application/json");
+                    if let Some(h) = auth {
+                        req = req.header("Authorization", h);
+                    }
+                    req.send(b.as_bytes())
+                }
+                ("DELETE", _) => {
+                    let mut req = this.agent.delete(&url);
+                    if let Some(h) = auth {
+                        req = req.header("Authorization", h);
+                    }
+                    req.call()
+                }
+                _ => {
+                    let mut req = this.agent.get(&url);
+                    if let Some(h) = auth {
+                        req = req.header("Authorization", h);
+                    }
+                    req.call()
+                }
             };
-            let mut resp = result.map_err(|e| format!("{method} {url}: {e}"))?;
+            let mut resp =
+                result.map_err(|e| format!("{method} {}: {e}", crate::config::redact_url(&url)))?;
             let status = resp.status().as_u16();
+            this.refused(status);
             let text = resp
                 .body_mut()
                 .with_config()
@@ -273,15 +459,20 @@ impl Client {
         let this = self.clone();
         smol::unblock(move || {
             let url = format!("{}/{}/_bulk", this.base, this.index);
-            let verdict = match this
+            let mut req = this
                 .agent
                 .post(&url)
-                .header("Content-Type", "application/x-ndjson")
-                .send(&body[..])
-            {
-                Err(e) => BulkVerdict::RetryAll(format!("POST {url}: {e}")),
+                .header("Content-Type", "application/x-ndjson");
+            if let Some(h) = this.auth.header() {
+                req = req.header("Authorization", h);
+            }
+            let verdict = match req.send(&body[..]) {
+                Err(e) => {
+                    BulkVerdict::RetryAll(format!("POST {}: {e}", crate::config::redact_url(&url)))
+                }
                 Ok(mut resp) => {
                     let status = resp.status().as_u16();
+                    this.refused(status);
                     match resp.body_mut().with_config().limit(256 << 20).read_to_vec() {
                         Ok(text) => retry::classify(status, &text, docs),
                         Err(e) => BulkVerdict::RetryAll(format!("reading bulk response: {e}")),
@@ -291,6 +482,22 @@ impl Client {
             (body, verdict)
         })
         .await
+    }
+}
+
+/// How long a request of the writer's client may take.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `"<status> <type>: <reason>"` of an error answer (Elasticsearch's
+/// `{"error":{"type","reason"}}`), or the status and the start of the body.
+fn answer_line(status: u16, body: &[u8]) -> String {
+    let v: Option<serde_json::Value> = serde_json::from_slice(body).ok();
+    match v.as_ref().and_then(|v| v.get("error")) {
+        Some(e) => {
+            let (kind, reason) = retry::error_text(Some(e));
+            one_line(&format!("{status} {kind}: {reason}"))
+        }
+        None => one_line(&format!("{status}: {}", String::from_utf8_lossy(body))),
     }
 }
 

@@ -54,7 +54,7 @@ struct BulkBody {
     items: Vec<serde_json::Map<String, serde_json::Value>>,
 }
 
-fn error_text(v: Option<&serde_json::Value>) -> (String, String) {
+pub(crate) fn error_text(v: Option<&serde_json::Value>) -> (String, String) {
     let Some(e) = v else {
         return (String::new(), String::new());
     };
@@ -75,7 +75,10 @@ fn item_verdict(status: u16, kind: &str, reason: &str) -> ItemVerdict {
     match status {
         200..=299 | 409 => ItemVerdict::Done,
         404 if kind == "index_not_found_exception" => ItemVerdict::IndexMissing,
-        429 | 500..=599 => ItemVerdict::Retry(format!("{status} {kind}: {reason}")),
+        // 401/403: the credentials or their privileges (an API key without
+        // `index` on this index, a read-only block), never the document's
+        // fault; 429 and 5xx pass.
+        401 | 403 | 429 | 500..=599 => ItemVerdict::Retry(format!("{status} {kind}: {reason}")),
         _ => ItemVerdict::Reject(format!("{status} {kind}: {reason}").replace(['\n', '\r'], " ")),
     }
 }
@@ -163,6 +166,25 @@ mod tests {
         assert!(matches!(&v[3], ItemVerdict::Reject(r) if r.contains("mapper_parsing_exception")));
         assert!(matches!(&v[4], ItemVerdict::Retry(r) if r.starts_with("503")));
         assert_eq!(v[5], ItemVerdict::IndexMissing);
+    }
+
+    /// Refusals are never the documents' fault: an API key without the
+    /// privilege on the index (Elasticsearch 8, per item) and a refused
+    /// request (401 at the top) are retried, not dead-lettered.
+    #[test]
+    fn refusals_are_retried() {
+        let item = r#"{"errors":true,"items":[{"index":{"_index":"messages","_id":"a:1:1","status":403,"error":{"type":"security_exception","reason":"action [indices:data/write/bulk[s]] is unauthorized for API key id [VuaCfGcBCdbkQm-e5aOx] of user [elastic] on indices [messages], this action is granted by the index privileges [create_doc,create,index,write,all]"}}}]}"#;
+        let BulkVerdict::Items(v) = classify(200, item.as_bytes(), 1) else {
+            panic!()
+        };
+        assert!(
+            matches!(&v[0], ItemVerdict::Retry(r) if r.starts_with("403 security_exception: action [indices:data/write/bulk[s]] is unauthorized")),
+            "{v:?}"
+        );
+        let top = r#"{"error":{"root_cause":[{"type":"security_exception","reason":"unable to authenticate with provided credentials and anonymous access is not allowed for this request","additional_unsuccessful_credentials":"API key: api key [VuaCfGcBCdbkQm-e5aOx] has been invalidated"}],"type":"security_exception","reason":"unable to authenticate with provided credentials and anonymous access is not allowed for this request"},"status":401}"#;
+        assert!(
+            matches!(classify(401, top.as_bytes(), 1), BulkVerdict::RetryAll(r) if r.starts_with("HTTP 401 security_exception: unable to authenticate")),
+        );
     }
 
     #[test]

@@ -17,8 +17,10 @@ pub use schema::{migrate, TABLES};
 pub use writes::{MessageRow, Outcome};
 
 use crate::config::Config;
+use crate::tls::SslMode;
 use async_compat::Compat;
-use mysql_async::{Opts, OptsBuilder, Pool, PoolConstraints, PoolOpts};
+use mysql_async::{Conn, Opts, OptsBuilder, Pool, PoolConstraints, PoolOpts};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Statements run on every new connection: utf8mb4 end to end (case 1),
@@ -85,30 +87,152 @@ fn one_line(s: &str) -> String {
 /// The MySQL side of the writer: a pool sized by DB_MAX_OPEN_CONNS, keeping
 /// DB_MAX_IDLE_CONNS connections when idle. Dead connections are replaced by
 /// the pool on the next checkout.
+///
+/// With DATABASE_SSL_MODE=preferred the pool first asks for TLS; when the
+/// server answers that it has none, the pool is replaced once by a plain
+/// one (MySQL's own client does the same per connection) and a warning is
+/// logged.
 #[derive(Clone)]
 pub struct Store {
-    pool: Pool,
-    known: std::sync::Arc<std::sync::Mutex<writes::KnownParents>>,
+    pool: Arc<Mutex<Pool>>,
+    /// Plain options to fall back to (DATABASE_SSL_MODE=preferred), and
+    /// whether the pool has switched to them.
+    fallback: Arc<Mutex<(Option<Opts>, bool)>>,
+    known: Arc<Mutex<writes::KnownParents>>,
 }
 
 impl Store {
     /// Builds the pool; connects lazily on first use.
     pub fn new(cfg: &Config) -> Store {
+        let db = Some(cfg.database_name.as_str());
         Store {
-            pool: Pool::new(opts(cfg, Some(&cfg.database_name))),
+            pool: Arc::new(Mutex::new(Pool::new(opts(cfg, db)))),
+            fallback: Arc::new(Mutex::new((fallback_opts(cfg, db), false))),
             known: Default::default(),
         }
     }
 
-    /// The pool, for the count sync and tests.
-    pub fn pool(&self) -> &Pool {
-        &self.pool
+    /// The pool (a cheap handle), for the count sync and tests.
+    pub fn pool(&self) -> Pool {
+        lock(&self.pool).clone()
+    }
+
+    /// A pooled connection.
+    ///
+    /// Errors: the driver's; see [`classify`].
+    pub async fn get_conn(&self) -> Result<mysql_async::Conn, mysql_async::Error> {
+        match self.pool().get_conn().await {
+            Err(e) if self.fall_back(&e) => self.pool().get_conn().await,
+            r => r,
+        }
+    }
+
+    /// A transaction on a pooled connection (READ COMMITTED, set per
+    /// connection in [`connection_init`]).
+    pub async fn begin(&self) -> Result<mysql_async::Transaction<'static>, mysql_async::Error> {
+        let tx = mysql_async::TxOpts::default();
+        match self.pool().start_transaction(tx.clone()).await {
+            Err(e) if self.fall_back(&e) => self.pool().start_transaction(tx).await,
+            r => r,
+        }
+    }
+
+    /// True when `e` says the server has no TLS and DATABASE_SSL_MODE is
+    /// `preferred`: the pool is now plain and the caller asks again.
+    fn fall_back(&self, e: &mysql_async::Error) -> bool {
+        if !server_has_no_tls(e) {
+            return false;
+        }
+        let mut fallback = lock(&self.fallback);
+        let Some(plain) = fallback.0.take() else {
+            // Already plain (another caller switched), or no fallback.
+            return fallback.1;
+        };
+        fallback.1 = true;
+        log::warn!(
+            "mysql: the server offers no TLS; DATABASE_SSL_MODE=preferred, so the connections are plain (set verify_identity to require TLS)"
+        );
+        *lock(&self.pool) = Pool::new(plain);
+        true
     }
 
     /// Closes every connection; waits for checked-out ones to come back.
     pub async fn close(self) {
-        let _ = Compat::new(self.pool.disconnect()).await;
+        let pool = self.pool();
+        let _ = Compat::new(pool.disconnect()).await;
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// True when the server refused TLS because it has none (its handshake
+/// lacks `CLIENT_SSL`).
+fn server_has_no_tls(e: &mysql_async::Error) -> bool {
+    matches!(
+        e,
+        mysql_async::Error::Driver(mysql_async::DriverError::NoClientSslFlagFromServer)
+    )
+}
+
+/// One connection of its own (not the pool's) with the options of `cfg`
+/// and default database `db`, falling back to plain as [`Store`] does.
+///
+/// Errors: the driver's.
+pub async fn connect(cfg: &Config, db: Option<&str>) -> Result<Conn, mysql_async::Error> {
+    connect_with(&opts(cfg, db), fallback_opts(cfg, db).as_ref()).await
+}
+
+/// [`connect`] with prepared options: `opts`, then `plain` when the
+/// server has no TLS and DATABASE_SSL_MODE is `preferred`.
+pub async fn connect_with(opts: &Opts, plain: Option<&Opts>) -> Result<Conn, mysql_async::Error> {
+    match Conn::new(opts.clone()).await {
+        Err(e) if server_has_no_tls(&e) && plain.is_some() => {
+            Conn::new(plain.cloned().unwrap_or_else(|| opts.clone())).await
+        }
+        r => r,
+    }
+}
+
+/// The plain options to fall back to when DATABASE_SSL_MODE is `preferred`.
+pub fn fallback_opts(cfg: &Config, db: Option<&str>) -> Option<Opts> {
+    (cfg.database_ssl_mode == SslMode::Preferred && ssl_opts(cfg).is_some())
+        .then(|| OptsBuilder::from_opts(opts(cfg, db)).ssl_opts(None).into())
+}
+
+/// TLS options for DATABASE_SSL_MODE and DATABASE_TLS_*; `None` for plain.
+/// `preferred` and `required` do not verify the certificate, `verify_ca`
+/// verifies it but not the host name, `verify_identity` both (MySQL's own
+/// meanings); DATABASE_TLS_INSECURE turns verification off in every mode.
+#[cfg(feature = "tls")]
+fn ssl_opts(cfg: &Config) -> Option<mysql_async::SslOpts> {
+    use mysql_async::{ClientIdentity, SslOpts};
+    let s = &cfg.tls.mysql;
+    let (verify_ca, verify_name) = match cfg.database_ssl_mode {
+        SslMode::Disabled => return None,
+        SslMode::Preferred | SslMode::Required => (false, false),
+        SslMode::VerifyCa => (true, false),
+        SslMode::VerifyIdentity => (true, true),
+    };
+    let buf = |pem: &Arc<[u8]>| pem.to_vec().into();
+    let mut o = SslOpts::default()
+        .with_danger_accept_invalid_certs(s.insecure || !verify_ca)
+        .with_danger_skip_domain_validation(s.insecure || !verify_name);
+    if let Some(ca) = &s.ca {
+        o = o.with_root_certs(vec![buf(&ca.pem)]);
+    }
+    if let Some((cert, key)) = &s.identity {
+        o = o.with_client_identity(Some(ClientIdentity::new(buf(&cert.pem), buf(&key.pem))));
+    }
+    Some(o)
+}
+
+/// Without the `tls` feature every connection is plain (`config` refuses
+/// the modes that need TLS).
+#[cfg(not(feature = "tls"))]
+fn ssl_opts(_: &Config) -> Option<mysql_async::SslOpts> {
+    None
 }
 
 /// Connection options for `cfg`, with or without a default database.
@@ -137,5 +261,6 @@ pub fn opts(cfg: &Config, db: Option<&str>) -> Opts {
         // `setup`, not `init`: also re-run should a connection ever be reset.
         .setup(connection_init())
         .pool_opts(pool_opts)
+        .ssl_opts(ssl_opts(cfg))
         .into()
 }

@@ -124,7 +124,7 @@ async fn add_column_if_missing(
 /// Errors: any MySQL error, unclassified (the caller exits 1).
 pub async fn migrate(cfg: &Config) -> Result<(), mysql_async::Error> {
     Compat::new(async {
-        let mut conn = Conn::new(super::opts(cfg, None)).await?;
+        let mut conn = super::connect(cfg, None).await?;
         let mut create = String::from("CREATE DATABASE IF NOT EXISTS ");
         push_ident(&mut create, &cfg.database_name);
         create.push_str(" CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci");

@@ -14,7 +14,7 @@ use crate::payload::{CreateChat, CreateMessage, UpdateMessage};
 use crate::time::Micros;
 use async_compat::Compat;
 use mysql_async::prelude::Queryable;
-use mysql_async::{Conn, Transaction, TxOpts};
+use mysql_async::{Conn, Transaction};
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::ops::Range;
@@ -113,7 +113,7 @@ async fn isolate<'a>(
 
 /// A transaction (READ COMMITTED, set per connection in `connection_init`).
 async fn begin(store: &Store) -> Result<Transaction<'static>, mysql_async::Error> {
-    store.pool.start_transaction(TxOpts::default()).await
+    store.begin().await
 }
 
 /// `SELECT id FROM <table> WHERE id IN (ids)` as a set.
@@ -313,7 +313,7 @@ impl Store {
         &self,
         items: &[(&CreateChat, Micros)],
     ) -> Result<Vec<Outcome>, mysql_async::Error> {
-        let mut conn = self.pool.get_conn().await?;
+        let mut conn = self.get_conn().await?;
         let rows = items.iter().map(|(c, at)| {
             let row = [
                 Lit::Int(c.application_id),
@@ -368,7 +368,7 @@ impl Store {
         items: &[(&CreateMessage, Micros)],
         want_rows: bool,
     ) -> Result<(Vec<Outcome>, Vec<MessageRow>), mysql_async::Error> {
-        let mut conn = self.pool.get_conn().await?;
+        let mut conn = self.get_conn().await?;
         let rows = items.iter().map(|(m, at)| {
             let row = [
                 Lit::Int(m.chat_id),
@@ -636,7 +636,7 @@ impl Store {
         q.push_str(" ORDER BY id LIMIT ");
         push_int(&mut q, limit as i64);
         Compat::new(async {
-            let mut conn = self.pool.get_conn().await?;
+            let mut conn = self.get_conn().await?;
             let rows: Vec<RawMessageRow> = conn.query(q).await?;
             Ok(rows.into_iter().map(message_row).collect())
         })
@@ -646,7 +646,7 @@ impl Store {
     /// `SELECT COUNT(*) FROM messages`, for progress lines.
     pub async fn count_messages(&self) -> Result<u64, mysql_async::Error> {
         Compat::new(async {
-            let mut conn = self.pool.get_conn().await?;
+            let mut conn = self.get_conn().await?;
             Ok(conn
                 .query_first::<u64, _>("SELECT COUNT(*) FROM messages")
                 .await?
@@ -657,7 +657,7 @@ impl Store {
 
     async fn run_update(&self, q: String) -> Result<u64, mysql_async::Error> {
         Compat::new(async {
-            let mut conn = self.pool.get_conn().await?;
+            let mut conn = self.get_conn().await?;
             conn.query_drop(q).await?;
             Ok(conn.affected_rows())
         })

@@ -335,7 +335,7 @@ fn case6_member_added_while_a_sync_is_blocked_survives() {
         let vars = env.writer_env();
         let cfg = Config::from_lookup(|k| vars.get(k).cloned()).expect("test config");
         let store = Store::new(&cfg);
-        let redis = Rc::new(Redis::new(&cfg.redis_url).expect("redis url"));
+        let redis = Rc::new(Redis::new(&cfg.redis_url, &cfg.tls.redis).expect("redis url"));
         let sync = CountSync::new(store.clone(), redis);
 
         env.kv.set_chat_counter(TOKEN, 5, true).await;

@@ -112,7 +112,8 @@ impl Store {
         }
     }
 
-    /// The pool (a cheap handle), for the count sync and tests.
+    /// The pool as it is now (a cheap handle). Its `get_conn` does not
+    /// fall back to plain connections: use [`Store::get_conn`].
     pub fn pool(&self) -> Pool {
         lock(&self.pool).clone()
     }

@@ -631,19 +631,20 @@ fn configuration_errors_never_print_a_password() {
         (
             "REDIS_URL",
             b"redis://:secretpw@host:6379/x",
-            "REDIS_URL=\"redis://:***@host:6379/x\": expected a redis://host:port/db URL",
+            "REDIS_URL=\"redis://:***@host:6379/x\": \
+             expected a redis://host:port/db or rediss://host:port/db URL",
         ),
         (
             "RABBITMQ_URL",
             b"amqp://writer:secretpw@rabbitmq:99999/",
             "RABBITMQ_URL=\"amqp://writer:***@rabbitmq:99999/\": \
-             expected an amqp://user:pass@host:port/vhost URL",
+             expected an amqp://user:pass@host:port/vhost or amqps://... URL",
         ),
         (
             "ELASTICSEARCH_URL",
             b"ftp://elastic:secretpw@es:9200",
             "ELASTICSEARCH_URL=\"ftp://elastic:***@es:9200\": \
-             expected an http:// URL with a host, or empty",
+             expected an http:// or https:// URL with a host, or empty",
         ),
         (
             "DATABASE_PASSWORD",

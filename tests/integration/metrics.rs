@@ -175,6 +175,21 @@ async fn wait_ready(addr: &str, want: (u16, &str)) {
     panic!("/readyz never answered {want:?}; last {last:?}");
 }
 
+/// Waits until `/readyz` answers `status` with a body starting with
+/// `prefix`; returns the body.
+async fn wait_ready_prefix(addr: &str, status: u16, prefix: &str) -> String {
+    let mut last = (0, String::new());
+    let deadline = std::time::Instant::now() + WAIT;
+    while std::time::Instant::now() < deadline {
+        last = readyz(addr);
+        if last.0 == status && last.1.starts_with(prefix) {
+            return last.1;
+        }
+        smol::Timer::after(Duration::from_millis(50)).await;
+    }
+    panic!("/readyz never answered {status} {prefix:?}...; last {last:?}");
+}
+
 #[test]
 fn readyz_follows_the_broker_and_mysql_connections() {
     let env = TestEnv::new("metrics_readyz");
@@ -195,14 +210,36 @@ fn readyz_follows_the_broker_and_mysql_connections() {
         assert_eq!(http_get(&addr, "/healthz").unwrap().2, "ok\n");
 
         broker.pause();
-        wait_ready(&addr, (503, "rabbitmq: not connected\n")).await;
+        // With the reason of the last failed attempt, naming the broker.
+        let body = wait_ready_prefix(
+            &addr,
+            503,
+            &format!(
+                "rabbitmq: not connected: connect to amqp://guest:***@127.0.0.1:{}/",
+                broker.port
+            ),
+        )
+        .await;
+        assert!(
+            body.ends_with('\n') && body.lines().count() == 1,
+            "{body:?}"
+        );
         // Alive all the same.
         assert_eq!(http_get(&addr, "/healthz").unwrap().0, 200);
         broker.resume();
         wait_ready(&addr, (200, "ready\n")).await;
 
         mysql.pause();
-        wait_ready(&addr, (503, "mysql: not answering\n")).await;
+        let body = wait_ready_prefix(
+            &addr,
+            503,
+            &format!("mysql: not answering: 127.0.0.1:{mysql_port}: "),
+        )
+        .await;
+        assert!(
+            body.ends_with('\n') && body.lines().count() == 1,
+            "{body:?}"
+        );
         mysql.resume();
         wait_ready(&addr, (200, "ready\n")).await;
 

@@ -29,7 +29,7 @@ fn pooled_connections_keep_their_session_settings() {
         let mut seen = Vec::new();
         for _ in 0..3 {
             let session: Session = Compat::new(async {
-                let mut conn = store.pool().get_conn().await.expect("connection");
+                let mut conn = store.get_conn().await.expect("connection");
                 conn.query_first(SESSION)
                     .await
                     .expect("query")

@@ -280,7 +280,10 @@ pub async fn run(
                         t.elapsed().as_millis()
                     );
                 }
-                Err(e) => log::warn!("count reconcile failed, will retry: {e}"),
+                Err(e) => log::warn!(
+                    "count reconcile failed, will retry: {}",
+                    crate::tls::explain(&e.to_string())
+                ),
             }
         }
         let t = Instant::now();
@@ -294,7 +297,10 @@ pub async fn run(
                 t.elapsed().as_millis()
             ),
             Ok(_) => {}
-            Err(e) => log::warn!("count sync failed, will retry: {e}"),
+            Err(e) => log::warn!(
+                "count sync failed, will retry: {}",
+                crate::tls::explain(&e.to_string())
+            ),
         }
         if !shutdown.sleep(interval).await {
             return;

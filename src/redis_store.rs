@@ -162,8 +162,10 @@ pub async fn run_marker_flusher(
             Err(e) => {
                 redis.reset();
                 log::warn!(
-                    "redis: adding {} change markers failed, will retry: {e}",
-                    chats.len() + messages.len()
+                    "redis at {}: adding {} change markers failed, will retry: {}",
+                    redis.address(),
+                    chats.len() + messages.len(),
+                    crate::tls::explain(&e.to_string())
                 );
                 if give_up.is_triggered() && rx.is_closed() && backoff.attempts() >= 2 {
                     log::warn!("redis: dropping unsent change markers at shutdown; the next start-up SCAN covers them");

@@ -77,7 +77,9 @@ pub fn classify(e: &mysql_async::Error) -> Fault {
             return Fault::Message(format!("MySQL error {}: {}", s.code, s.message));
         }
     }
-    Fault::Infrastructure(one_line(&e.to_string()))
+    // A TLS or credential refusal says so first (unknown issuer, name
+    // mismatch, ...): the operator's checklist, not the driver's words.
+    Fault::Infrastructure(crate::tls::explain(&one_line(&text)))
 }
 
 fn one_line(s: &str) -> String {

@@ -275,6 +275,11 @@ impl TestEnv {
         for (k, v) in extra {
             vars.insert(k.to_string(), v.to_string());
         }
+        self.spawn_vars(args, &vars)
+    }
+
+    /// Spawns `chat-writer <args>` with exactly the environment `vars`.
+    pub fn spawn_vars(&self, args: &[&str], vars: &BTreeMap<String, String>) -> Writer {
         let k = self.spawned.fetch_add(1, Ordering::SeqCst);
         let what = if args.is_empty() {
             "run".to_string()
@@ -282,7 +287,7 @@ impl TestEnv {
             args.join("-").replace("--", "")
         };
         let log = artefact_dir().join(format!("{}-{}-{k}-{what}.log", self.name, self.tag));
-        Writer::spawn(args, &vars, &log)
+        Writer::spawn(args, vars, &log)
     }
 
     /// Starts the service (no subcommand).

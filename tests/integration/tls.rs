@@ -4,15 +4,28 @@
 //! and the recovery after they are fixed, an Elasticsearch API key, a
 //! dropped broker connection, and bad TLS configuration.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use serde_json::json;
+
+use crate::common::metrics::{http_get, scrape};
+use crate::common::time::mysql_datetime;
 use crate::common::tls::{self, EsAuth, MariaDb, Pki, RedisTls, TlsProxy};
-use crate::common::{free_port, Db, Kv};
+use crate::common::{
+    assert_indexed, free_port, wait_for, wait_until, Amqp, Db, Kv, MessageRow, TestEnv, Writer,
+    APP_ID, CHAT_ID, TOKEN,
+};
+use crate::consumers::T1;
 
 const RABBITMQ: &str = "127.0.0.1:5672";
+const WAIT: Duration = Duration::from_secs(30);
+const POLL: Duration = Duration::from_millis(100);
+const S: u64 = 1_000_000;
 
 fn rabbitmq() -> SocketAddr {
     RABBITMQ.parse().expect("address")
@@ -40,6 +53,207 @@ fn shared() -> &'static Shared {
         let mysql = MariaDb::start(&pki, free_port(), &pki.server, &pki.ca_file());
         Shared { pki, mysql }
     })
+}
+
+/// The test's database on a TLS MariaDB (read over its unix socket),
+/// dropped at the end.
+struct TlsDb<'a> {
+    mysql: &'a MariaDb,
+    name: String,
+    db: Db,
+}
+
+impl<'a> TlsDb<'a> {
+    fn new(mysql: &'a MariaDb, name: &str) -> TlsDb<'a> {
+        TlsDb {
+            mysql,
+            name: name.to_string(),
+            db: Db::with_url(&mysql.socket_url(name)),
+        }
+    }
+}
+
+impl Drop for TlsDb<'_> {
+    fn drop(&mut self) {
+        let _ = self
+            .mysql
+            .sql(&format!("DROP DATABASE IF EXISTS `{}`", self.name));
+    }
+}
+
+fn path(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+/// The writer's environment: the test's plain services
+/// ([`TestEnv::writer_env`]), then one service after another moved to TLS.
+struct Vars(BTreeMap<String, String>);
+
+impl Vars {
+    fn new(env: &TestEnv) -> Vars {
+        Vars(env.writer_env())
+    }
+
+    fn set(mut self, k: &str, v: impl Into<String>) -> Vars {
+        self.0.insert(k.to_string(), v.into());
+        self
+    }
+
+    fn unset(mut self, k: &str) -> Vars {
+        self.0.remove(k);
+        self
+    }
+
+    /// RabbitMQ through `proxy`, reached as `host`.
+    fn amqps(self, env: &TestEnv, proxy: &TlsProxy, host: &str, ca: &Path) -> Vars {
+        self.set(
+            "RABBITMQ_URL",
+            format!("amqps://guest:guest@{host}:{}/{}", proxy.port, env.vhost),
+        )
+        .set("RABBITMQ_TLS_CA_FILE", path(ca))
+    }
+
+    /// MySQL on `mysql` as root (password in the environment), `mode`.
+    fn mysql(self, env: &TestEnv, mysql: &MariaDb, mode: &str, ca: &Path) -> Vars {
+        self.set("DATABASE_HOST", "127.0.0.1")
+            .set("DATABASE_PORT", mysql.port.to_string())
+            .set("DATABASE_USERNAME", "root")
+            .set("DATABASE_PASSWORD", mysql.password.clone())
+            .set("DATABASE_NAME", env.db_name.clone())
+            .set("DATABASE_SSL_MODE", mode)
+            .set("DATABASE_TLS_CA_FILE", path(ca))
+    }
+
+    /// Redis DB 0 of `redis`, reached as `host`.
+    fn rediss(self, redis: &RedisTls, host: &str, ca: &Path) -> Vars {
+        self.set("REDIS_URL", redis.url(host, 0))
+            .set("REDIS_TLS_CA_FILE", path(ca))
+    }
+
+    /// Elasticsearch through `proxy` (no credentials yet).
+    fn https(self, proxy: &TlsProxy, ca: &Path) -> Vars {
+        self.set(
+            "ELASTICSEARCH_URL",
+            format!("https://127.0.0.1:{}", proxy.port),
+        )
+        .set("ELASTICSEARCH_TLS_CA_FILE", path(ca))
+    }
+
+    /// `<prefix>_TLS_CERT_FILE` and `<prefix>_TLS_KEY_FILE`.
+    fn client_cert(self, prefix: &str, c: &tls::CertFiles) -> Vars {
+        self.set(&format!("{prefix}_TLS_CERT_FILE"), path(&c.cert))
+            .set(&format!("{prefix}_TLS_KEY_FILE"), path(&c.key))
+    }
+
+    fn http_addr(&self) -> String {
+        self.0["HTTP_ADDR"].clone()
+    }
+}
+
+/// `migrate` with `vars`, expecting exit 0.
+fn migrate(env: &TestEnv, vars: &Vars) {
+    let mut m = env.spawn_vars(&["migrate"], &vars.0);
+    let exit = m.wait_exit(Duration::from_secs(60));
+    assert_eq!(exit.code, Some(0), "migrate:\n{}", m.log_tail(40));
+}
+
+/// Application 7 "app_x" and its chat 1, as the plain tests seed them.
+async fn seed(db: &Db) {
+    db.seed_app(APP_ID, TOKEN, 0).await;
+    db.seed_chat(CHAT_ID, APP_ID, TOKEN, 1, 0).await;
+}
+
+/// `/readyz`: status and body (0 and the error when nothing answers).
+fn readyz(addr: &str) -> (u16, String) {
+    match http_get(addr, "/readyz") {
+        Ok((status, _, body)) => (status, body),
+        Err(e) => (0, e),
+    }
+}
+
+/// Waits until `/readyz` answers 503 naming `service` and `reason`, and a
+/// line of the log names both too; returns the body.
+async fn wait_refused(w: &mut Writer, addr: &str, service: &str, reason: &str) -> String {
+    let what = format!("/readyz 503 naming {service} and {reason:?}, and a log line saying so");
+    let w = &*w;
+    wait_for(&what, WAIT, POLL, move || async move {
+        let (status, body) = readyz(addr);
+        let logged = w
+            .log()
+            .lines()
+            .any(|l| l.contains(service) && l.contains(reason));
+        if status == 503 && body.contains(service) && body.contains(reason) && logged {
+            Ok(body)
+        } else {
+            Err(format!(
+                "/readyz {status} {body:?}; log line found: {logged}; log tail:\n{}",
+                w.log_tail(6)
+            ))
+        }
+    })
+    .await
+}
+
+async fn wait_ready(addr: &str) {
+    wait_for("/readyz 200", WAIT, POLL, move || async move {
+        match readyz(addr) {
+            (200, _) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await
+}
+
+fn message(number: i64) -> serde_json::Value {
+    json!({"chat_id": CHAT_ID, "token": TOKEN, "chat_number": 1, "number": number,
+           "body": format!("over TLS {number}")})
+}
+
+/// Publishes messages `numbers` of chat 1 (AMQP timestamp T1).
+async fn publish(amqp: &Amqp, numbers: std::ops::RangeInclusive<i64>) {
+    for n in numbers {
+        amqp.publish_json("create_messages", &message(n), Some(T1))
+            .await;
+    }
+}
+
+/// Waits until chat 1 has `n` rows.
+async fn wait_rows(db: &Db, n: i64) {
+    wait_for(&format!("{n} rows"), WAIT, POLL, move || async move {
+        match db.count("messages", "chat_id = 1").await {
+            c if c == n => Ok(()),
+            c => Err(format!("{c} rows")),
+        }
+    })
+    .await
+}
+
+/// Chat 1 holds exactly messages 1..=n, each once with its body and
+/// timestamp, each indexed once with its version and whole source.
+async fn assert_exactly(env: &TestEnv, db: &Db, n: i64) {
+    wait_rows(db, n).await;
+    let rows: Vec<MessageRow> = db.messages_where("chat_id = 1").await;
+    let numbers: Vec<i64> = rows.iter().map(|r| r.number).collect();
+    assert_eq!(numbers, (1..=n).collect::<Vec<_>>(), "each message once");
+    for r in &rows {
+        assert_eq!(r.body_str(), format!("over TLS {}", r.number), "{r:?}");
+        assert_eq!(r.created_at, mysql_datetime((T1 * S) as i64), "{r:?}");
+        assert_eq!(r.updated_at, r.created_at, "{r:?}");
+        assert_indexed(env, r).await;
+    }
+    let e = env;
+    wait_for("the index count", WAIT, POLL, move || async move {
+        match e.es.count().await {
+            Some(c) if c == n as u64 => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+}
+
+/// (ready + unacked) of `queue`.
+fn held(env: &TestEnv, queue: &str) -> u64 {
+    env.queue_stats(queue).map(|(r, u, _)| r + u).unwrap_or(0)
 }
 
 // ---------------------------------------------------------------- the rig
@@ -216,4 +430,635 @@ fn rig_mariadb_refuses_plain_tcp() {
     let db = Db::with_url(&m.socket_url(""));
     let one: Vec<i64> = smol::block_on(db.query("SELECT 1"));
     assert_eq!(one, vec![1]);
+}
+
+// ---------------------------------------------------------------- the writer
+
+/// All four over TLS at once: RabbitMQ through a TLS proxy, MySQL with
+/// verify_identity (password from DATABASE_PASSWORD_FILE), Redis over
+/// rediss:// reached by the name `localhost`, Elasticsearch over https://
+/// with an API key from ELASTICSEARCH_API_KEY_FILE; each CA from
+/// `<S>_TLS_CA_FILE`. Rows, documents and counts as in the plain happy paths.
+#[test]
+fn all_four_services_over_tls() {
+    let env = TestEnv::new("tls_happy");
+    let sh = shared();
+    let (pki, ca) = (&sh.pki, sh.pki.ca_file());
+    let tdb = TlsDb::new(&sh.mysql, &env.db_name);
+    let db = &tdb.db;
+    let broker = TlsProxy::start(rabbitmq(), &pki.server);
+    let es = TlsProxy::start_http(
+        es_upstream(&env.es_url),
+        &pki.server,
+        EsAuth::api_key("cw-api-key-1"),
+    );
+    let own = Pki::new();
+    let redis = RedisTls::start(&own, free_port(), &pki.server, &ca, "optional");
+    let kv = Kv::with_url(&redis.socket_url(0));
+    // Values from files, with the trailing newline an editor leaves.
+    let key_file = own.file("es-api-key", "cw-api-key-1\n");
+    let password_file = own.file("db-password", &format!("{}\n", sh.mysql.password));
+    let vars = Vars::new(&env)
+        .amqps(&env, &broker, "127.0.0.1", &ca)
+        .mysql(&env, &sh.mysql, "verify_identity", &ca)
+        .unset("DATABASE_PASSWORD")
+        .set("DATABASE_PASSWORD_FILE", path(&password_file))
+        .rediss(&redis, "localhost", &ca)
+        .https(&es, &ca)
+        .set("ELASTICSEARCH_API_KEY_FILE", path(&key_file))
+        .set("COUNT_SYNC_INTERVAL", "1h");
+    let addr = vars.http_addr();
+    smol::block_on(async {
+        migrate(&env, &vars);
+        seed(db).await;
+        let amqp = env.amqp().await;
+        amqp.declare_work_queues().await;
+        let mut w = env.spawn_vars(&[], &vars.0);
+        env.wait_consuming(&mut w).await;
+        wait_ready(&addr).await;
+
+        // create_chats
+        amqp.publish_json(
+            "create_chats",
+            &json!({"application_id": 7, "token": "app_x", "number": 2, "creator_id": 42}),
+            Some(T1),
+        )
+        .await;
+        amqp.publish_json(
+            "create_chats",
+            &json!({"application_id": 7, "token": "app_x", "number": 3}),
+            Some(T1 + 1),
+        )
+        .await;
+        // create_messages
+        amqp.publish_json(
+            "create_messages",
+            &json!({"chat_id": 1, "token": "app_x", "chat_number": 1, "number": 1,
+                    "body": "Hello, world", "creator_id": 5}),
+            Some(T1),
+        )
+        .await;
+        amqp.publish_json(
+            "create_messages",
+            &json!({"chat_id": 1, "token": "app_x", "chat_number": 1, "number": 2,
+                    "body": "second"}),
+            Some(T1 + 2),
+        )
+        .await;
+        let chats = wait_for("2 new chats", WAIT, POLL, || async {
+            let rows = db.chats_where("application_id = 7 AND number > 1").await;
+            if rows.len() == 2 {
+                Ok(rows)
+            } else {
+                Err(format!("{rows:?}"))
+            }
+        })
+        .await;
+        let fields = |c: &crate::common::db::ChatRow| {
+            (
+                c.application_id,
+                c.token.clone(),
+                c.number,
+                c.messages_count,
+                c.creator_id,
+            )
+        };
+        assert_eq!(fields(&chats[0]), (7, "app_x".into(), 2, 0, Some(42)));
+        assert_eq!(chats[0].created_at, mysql_datetime((T1 * S) as i64));
+        assert_eq!(chats[0].updated_at, chats[0].created_at);
+        assert_eq!(fields(&chats[1]), (7, "app_x".into(), 3, 0, None));
+        assert_eq!(chats[1].created_at, mysql_datetime(((T1 + 1) * S) as i64));
+        assert_eq!(chats[1].updated_at, chats[1].created_at);
+
+        let m1 = wait_for("message 1", WAIT, POLL, || async {
+            db.message(CHAT_ID, 1).await.ok_or("no row".to_string())
+        })
+        .await;
+        let m2 = wait_for("message 2", WAIT, POLL, || async {
+            db.message(CHAT_ID, 2).await.ok_or("no row".to_string())
+        })
+        .await;
+        assert_eq!(
+            (m1.chat_id, m1.token.as_str(), m1.chat_number, m1.number),
+            (1, "app_x", 1, 1)
+        );
+        assert_eq!(
+            (m1.body_str().as_str(), m1.creator_id),
+            ("Hello, world", Some(5))
+        );
+        assert_eq!(m1.created_at, mysql_datetime((T1 * S) as i64));
+        assert_eq!(m1.updated_at, m1.created_at);
+        assert_eq!((m2.body_str().as_str(), m2.creator_id), ("second", None));
+        assert_eq!(m2.created_at, mysql_datetime(((T1 + 2) * S) as i64));
+        let d1 = assert_indexed(&env, &m1).await;
+        assert_eq!(d1["_source"]["created_at"], "2026-11-29T12:00:00.000000Z");
+        assert_indexed(&env, &m2).await;
+
+        // update_messages
+        amqp.publish_json(
+            "update_messages",
+            &json!({"chat_id": 1, "token": "app_x", "chat_number": 1, "number": 1,
+                    "body": "after"}),
+            Some(T1 + 500),
+        )
+        .await;
+        let m1b = wait_for("message 1 updated", WAIT, POLL, || async {
+            match db.message(CHAT_ID, 1).await {
+                Some(m) if m.body == b"after" => Ok(m),
+                other => Err(format!("{other:?}")),
+            }
+        })
+        .await;
+        assert_eq!(
+            MessageRow {
+                body: b"after".to_vec(),
+                updated_at: m1b.updated_at.clone(),
+                updated_us: m1b.updated_us,
+                ..m1.clone()
+            },
+            m1b,
+            "an update changes body and updated_at only"
+        );
+        assert!(m1b.updated_us > m1.updated_us);
+        let d = assert_indexed(&env, &m1b).await;
+        assert_eq!(d["_source"]["body"], "after");
+        assert_eq!(env.es.count().await, Some(2));
+
+        let hosts = sessions(&sh.mysql, &env.db_name);
+        assert!(
+            !hosts.is_empty() && hosts.iter().all(|h| h.starts_with("127.0.0.1:")),
+            "the writer's MySQL sessions should all be TCP (TLS), are {hosts:?}"
+        );
+
+        // Change markers reached Redis over TLS; counts come back from it.
+        let k = &kv;
+        wait_until("change markers in Redis", WAIT, POLL, || async {
+            k.smembers("chat_changes").await == vec!["app_x".to_string()]
+                && k.smembers("message_changes").await
+                    == vec![
+                        "app_x:1".to_string(),
+                        "app_x:2".to_string(),
+                        "app_x:3".to_string(),
+                    ]
+        })
+        .await;
+        kv.set("chat_counter:app_x", 3).await;
+        kv.set("message_counter:app_x:1", 2).await;
+        // The final sync at shutdown writes them.
+        w.stop();
+        assert_eq!(db.chats_count(APP_ID).await, Some(3));
+        assert_eq!(db.messages_count(CHAT_ID).await, Some(2));
+        for n in [2, 3] {
+            let c = db.chat(APP_ID, n).await.expect("chat");
+            assert_eq!(c.messages_count, 0, "{c:?}");
+        }
+        assert!(kv.smembers("chat_changes").await.is_empty());
+        assert!(kv.smembers("message_changes").await.is_empty());
+        env.assert_nothing_dead_or_retrying();
+
+        // Every connection was TLS: the proxies saw only good handshakes and
+        // the API key, the database only TCP sessions (TLS-only server).
+        assert!(broker.handshakes() >= 1 && es.handshakes() >= 1);
+        assert_eq!(broker.handshake_errors(), Vec::<String>::new());
+        assert_eq!(es.handshake_errors(), Vec::<String>::new());
+        assert_eq!(es.auth_seen(), vec!["ApiKey cw-api-key-1".to_string()]);
+        assert_eq!(es.requests().1 + es.requests().2, 0, "no request refused");
+        amqp.close().await;
+    });
+}
+
+/// The writer's sessions on `mysql` (database `name`): hosts as the server
+/// sees them (`127.0.0.1:<port>` over TCP, `localhost` over the socket).
+fn sessions(mysql: &MariaDb, name: &str) -> Vec<String> {
+    let out = mysql
+        .sql(&format!(
+            "SELECT HOST FROM information_schema.PROCESSLIST \
+             WHERE DB = '{name}' AND ID <> CONNECTION_ID()"
+        ))
+        .expect("processlist");
+    out.lines().map(str::to_string).collect()
+}
+
+/// Mutual TLS on all four: the broker proxy, redis-server
+/// (`--tls-auth-clients yes`), a MySQL user `REQUIRE X509` and the
+/// Elasticsearch proxy all demand a client certificate of the trusted CA
+/// (Elasticsearch with Basic credentials from the URL). Then the broker
+/// connection is dropped under the writer: it reconnects with its
+/// certificate and every message lands once.
+#[test]
+fn mutual_tls_and_a_dropped_broker_connection() {
+    let env = TestEnv::new("tls_mutual");
+    let sh = shared();
+    let (pki, ca) = (&sh.pki, sh.pki.ca_file());
+    let tdb = TlsDb::new(&sh.mysql, &env.db_name);
+    let db = &tdb.db;
+    let user = format!("x509_{}", env.name);
+    sh.mysql
+        .sql(&format!(
+            "CREATE OR REPLACE USER '{user}'@'127.0.0.1' IDENTIFIED BY 'cert-and-password' \
+             REQUIRE X509; GRANT ALL PRIVILEGES ON `{}`.* TO '{user}'@'127.0.0.1'",
+            env.db_name
+        ))
+        .expect("create user");
+    let broker = TlsProxy::start(rabbitmq(), &pki.server);
+    broker.require_client_cert(Some(&ca));
+    let es = TlsProxy::start_http(
+        es_upstream(&env.es_url),
+        &pki.server,
+        EsAuth::basic("chat_writer", "es-s3cret"),
+    );
+    es.require_client_cert(Some(&ca));
+    let own = Pki::new();
+    let redis = RedisTls::start(&own, free_port(), &pki.server, &ca, "yes");
+    let kv = Kv::with_url(&redis.socket_url(0));
+    let vars = Vars::new(&env)
+        .amqps(&env, &broker, "127.0.0.1", &ca)
+        .client_cert("RABBITMQ", &pki.client)
+        .mysql(&env, &sh.mysql, "verify_identity", &ca)
+        .set("DATABASE_USERNAME", user.clone())
+        .set("DATABASE_PASSWORD", "cert-and-password")
+        .client_cert("DATABASE", &pki.client)
+        .rediss(&redis, "127.0.0.1", &ca)
+        .client_cert("REDIS", &pki.client)
+        .https(&es, &ca)
+        .set(
+            "ELASTICSEARCH_URL",
+            format!("https://chat_writer:es-s3cret@127.0.0.1:{}", es.port),
+        )
+        .client_cert("ELASTICSEARCH", &pki.client);
+    let addr = vars.http_addr();
+    smol::block_on(async {
+        migrate(&env, &vars);
+        seed(db).await;
+        let amqp = env.amqp().await;
+        amqp.declare_work_queues().await;
+        let mut w = env.spawn_vars(&[], &vars.0);
+        env.wait_consuming(&mut w).await;
+        wait_ready(&addr).await;
+        publish(&amqp, 1..=5).await;
+        wait_rows(db, 5).await;
+
+        // Drop the broker connection(s) under the writer.
+        let before = broker.handshakes();
+        assert!(broker.close_connections() >= 1);
+        publish(&amqp, 6..=10).await;
+        assert_exactly(&env, db, 10).await;
+        env.wait_consuming(&mut w).await;
+        assert!(
+            broker.handshakes() > before,
+            "the writer did not connect again ({} handshakes)",
+            broker.handshakes()
+        );
+        wait_ready(&addr).await;
+
+        kv.set_message_counter(TOKEN, 1, 10, true).await;
+        kv.set_chat_counter(TOKEN, 1, true).await;
+        wait_until("counts synced", WAIT, POLL, || async {
+            db.messages_count(CHAT_ID).await == Some(10) && db.chats_count(APP_ID).await == Some(1)
+        })
+        .await;
+        w.stop();
+        env.assert_nothing_dead_or_retrying();
+        assert_eq!(broker.handshake_errors(), Vec::<String>::new());
+        assert_eq!(es.handshake_errors(), Vec::<String>::new());
+        assert_eq!(
+            es.auth_seen(),
+            vec![format!(
+                "Basic {}",
+                tls::base64_encode(b"chat_writer:es-s3cret")
+            )]
+        );
+        amqp.close().await;
+    });
+    let _ = sh
+        .mysql
+        .sql(&format!("DROP USER IF EXISTS '{user}'@'127.0.0.1'"));
+}
+
+/// RabbitMQ's certificate refused (other CA, wrong name; expired and a
+/// client certificate the writer does not have, with a first writer):
+/// nothing consumed, nothing acked, `/readyz` names rabbitmq and why. With
+/// the trusted certificate on the same address the writer consumes
+/// everything once.
+#[test]
+fn broker_certificate_refused_then_fixed() {
+    let env = TestEnv::new("tls_broker_refused");
+    let pki = Pki::new();
+    let ca = pki.ca_file();
+    let broker = TlsProxy::start(rabbitmq(), &pki.expired);
+    let vars = Vars::new(&env).amqps(&env, &broker, "127.0.0.1", &ca);
+    let addr = vars.http_addr();
+    smol::block_on(async {
+        env.migrate_and_seed().await;
+        let amqp = env.amqp().await;
+        amqp.declare_work_queues().await;
+        publish(&amqp, 1..=5).await;
+
+        // A first writer (the reconnect backoff grows; a second one starts
+        // from its shortest delay).
+        let mut first = env.spawn_vars(&[], &vars.0);
+        wait_refused(&mut first, &addr, "rabbitmq", "expired").await;
+        // Client certificates first: no connection in between gets through.
+        broker.require_client_cert(Some(&ca));
+        broker.set_cert(&pki.server);
+        wait_refused(&mut first, &addr, "rabbitmq", "handshake refused").await;
+        first.stop();
+        assert_eq!(env.queue_stats("create_messages"), Some((5, 0, 0)));
+
+        broker.require_client_cert(None);
+        broker.set_cert(&pki.untrusted);
+        let vars = vars.set("HTTP_ADDR", format!("127.0.0.1:{}", free_port()));
+        let addr = vars.http_addr();
+        let mut w = env.spawn_vars(&[], &vars.0);
+        wait_refused(&mut w, &addr, "rabbitmq", "unknown issuer").await;
+        assert_eq!(env.queue_stats("create_messages"), Some((5, 0, 0)));
+        broker.set_cert(&pki.wrong_name);
+        wait_refused(&mut w, &addr, "rabbitmq", "name mismatch").await;
+        assert_eq!(env.queue_stats("create_messages"), Some((5, 0, 0)));
+        assert_eq!(env.db.count("messages", "1 = 1").await, 0);
+        assert_eq!(broker.handshakes(), 0, "no handshake completed");
+
+        broker.set_cert(&pki.server);
+        assert_exactly(&env, &env.db, 5).await;
+        wait_ready(&addr).await;
+        publish(&amqp, 6..=7).await;
+        assert_exactly(&env, &env.db, 7).await;
+        let m = scrape(&addr);
+        let q = [("queue", "create_messages")];
+        assert_eq!(m.must("chat_writer_deliveries_stored_total", &q), 7.0);
+        assert_eq!(m.must("chat_writer_deliveries_duplicate_total", &q), 0.0);
+        w.stop();
+        env.assert_nothing_dead_or_retrying();
+        assert_eq!(held(&env, "create_messages"), 0);
+        amqp.close().await;
+    });
+}
+
+/// MySQL's certificate refused: the writer with verify_identity takes
+/// nothing from the queue for good; `required` does not verify (migrate
+/// passes with the untrusted certificate), `verify_ca` does not check the
+/// name (migrate passes with the wrong-name certificate). With the trusted
+/// certificate (FLUSH SSL, same server) everything lands once.
+#[test]
+fn mysql_certificate_refused_then_fixed() {
+    let env = TestEnv::new("tls_mysql_refused");
+    let pki = Pki::new();
+    let ca = pki.ca_file();
+    let mysql = MariaDb::start(&pki, free_port(), &pki.untrusted, &ca);
+    let db = Db::with_url(&mysql.socket_url(&env.db_name));
+    let vars = Vars::new(&env).mysql(&env, &mysql, "verify_identity", &ca);
+    let addr = vars.http_addr();
+    smol::block_on(async {
+        let required = Vars::new(&env).mysql(&env, &mysql, "required", &ca);
+        migrate(&env, &required);
+        seed(&db).await;
+        let amqp = env.amqp().await;
+        amqp.declare_work_queues().await;
+        publish(&amqp, 1..=5).await;
+        let mut w = env.spawn_vars(&[], &vars.0);
+        wait_refused(&mut w, &addr, "mysql", "unknown issuer").await;
+        assert_eq!(held(&env, "create_messages"), 5);
+        assert_eq!(db.count("messages", "1 = 1").await, 0);
+
+        mysql.set_cert(&pki.wrong_name);
+        wait_refused(&mut w, &addr, "mysql", "name mismatch").await;
+        let verify_ca = Vars::new(&env).mysql(&env, &mysql, "verify_ca", &ca);
+        migrate(&env, &verify_ca);
+        assert_eq!(held(&env, "create_messages"), 5);
+        assert_eq!(db.count("messages", "1 = 1").await, 0);
+
+        mysql.set_cert(&pki.server);
+        assert_exactly(&env, &db, 5).await;
+        wait_ready(&addr).await;
+        let m = scrape(&addr);
+        let q = [("queue", "create_messages")];
+        assert_eq!(m.must("chat_writer_deliveries_duplicate_total", &q), 0.0);
+        w.stop();
+        env.assert_nothing_dead_or_retrying();
+        assert_eq!(held(&env, "create_messages"), 0);
+        amqp.close().await;
+    });
+}
+
+/// Redis's certificate refused: rows keep landing, counts wait; `/readyz`
+/// names redis and why. With the trusted certificate (same server, data
+/// kept) the markers and counts catch up.
+#[test]
+fn redis_certificate_refused_then_fixed() {
+    let env = TestEnv::new("tls_redis_refused");
+    let pki = Pki::new();
+    let ca = pki.ca_file();
+    let redis = RedisTls::start(&pki, free_port(), &pki.untrusted, &ca, "no");
+    let kv = Kv::with_url(&redis.socket_url(0));
+    let vars = Vars::new(&env).rediss(&redis, "127.0.0.1", &ca);
+    let addr = vars.http_addr();
+    smol::block_on(async {
+        env.migrate_and_seed().await;
+        let amqp = env.amqp().await;
+        amqp.declare_work_queues().await;
+        kv.set_message_counter(TOKEN, 1, 5, true).await;
+        kv.set_chat_counter(TOKEN, 1, true).await;
+        let mut w = env.spawn_vars(&[], &vars.0);
+        wait_refused(&mut w, &addr, "redis", "unknown issuer").await;
+        publish(&amqp, 1..=5).await;
+        assert_exactly(&env, &env.db, 5).await;
+        redis.set_cert(&pki.wrong_name);
+        wait_refused(&mut w, &addr, "redis", "name mismatch").await;
+        assert_eq!(env.db.messages_count(CHAT_ID).await, Some(0));
+        assert_eq!(env.db.chats_count(APP_ID).await, Some(0));
+
+        redis.set_cert(&pki.server);
+        let e = &env;
+        wait_until("counts synced", WAIT, POLL, || async {
+            e.db.messages_count(CHAT_ID).await == Some(5)
+                && e.db.chats_count(APP_ID).await == Some(1)
+        })
+        .await;
+        wait_ready(&addr).await;
+        let k = &kv;
+        wait_until("change sets drained", WAIT, POLL, || async {
+            k.smembers("chat_changes").await.is_empty()
+                && k.smembers("message_changes").await.is_empty()
+        })
+        .await;
+        w.stop();
+        assert_exactly(&env, &env.db, 5).await;
+        env.assert_nothing_dead_or_retrying();
+        amqp.close().await;
+    });
+}
+
+/// Elasticsearch's certificate refused: rows keep landing, index work
+/// waits in its queue (nothing dead-lettered); `/readyz` names
+/// elasticsearch and why. With the trusted certificate the index catches up.
+#[test]
+fn es_certificate_refused_then_fixed() {
+    let env = TestEnv::new("tls_es_refused");
+    let pki = Pki::new();
+    let ca = pki.ca_file();
+    let es = TlsProxy::start_http(
+        es_upstream(&env.es_url),
+        &pki.untrusted,
+        EsAuth::api_key("k-1"),
+    );
+    let vars = Vars::new(&env)
+        .https(&es, &ca)
+        .set("ELASTICSEARCH_API_KEY", "k-1");
+    let addr = vars.http_addr();
+    smol::block_on(async {
+        env.migrate_and_seed().await;
+        let amqp = env.amqp().await;
+        amqp.declare_work_queues().await;
+        let mut w = env.spawn_vars(&[], &vars.0);
+        wait_refused(&mut w, &addr, "elasticsearch", "unknown issuer").await;
+        publish(&amqp, 1..=5).await;
+        wait_rows(&env.db, 5).await;
+        es.set_cert(&pki.wrong_name);
+        wait_refused(&mut w, &addr, "elasticsearch", "name mismatch").await;
+        assert!(
+            held(&env, "chat_writer.index") >= 1,
+            "{:?}",
+            env.list_queues()
+        );
+        assert_eq!(env.es.count().await, None, "no index yet");
+        assert_eq!(es.requests(), (0, 0, 0));
+
+        es.set_cert(&pki.server);
+        assert_exactly(&env, &env.db, 5).await;
+        wait_ready(&addr).await;
+        w.stop();
+        env.assert_nothing_dead_or_retrying();
+        assert_eq!(held(&env, "chat_writer.index"), 0);
+        amqp.close().await;
+    });
+}
+
+/// A key without the right (403, a first writer), then a wrong API key
+/// (401) in ELASTICSEARCH_API_KEY_FILE: rows keep landing, no document is
+/// dead-lettered, `/readyz` names elasticsearch and the status. Correcting
+/// the file is enough: the writer reads it again and the index catches up.
+#[test]
+fn es_api_key_refused_then_corrected_in_its_file() {
+    let env = TestEnv::new("tls_es_api_key");
+    let pki = Pki::new();
+    let ca = pki.ca_file();
+    let es = TlsProxy::start_http(
+        es_upstream(&env.es_url),
+        &pki.server,
+        EsAuth {
+            api_keys: vec!["right-key".into()],
+            forbidden_api_keys: vec!["read-only-key".into()],
+            ..EsAuth::default()
+        },
+    );
+    let key_file = pki.file("api-key", "read-only-key\n");
+    let vars = Vars::new(&env)
+        .https(&es, &ca)
+        .set("ELASTICSEARCH_API_KEY_FILE", path(&key_file));
+    let addr = vars.http_addr();
+    smol::block_on(async {
+        env.migrate_and_seed().await;
+        let amqp = env.amqp().await;
+        amqp.declare_work_queues().await;
+        let mut first = env.spawn_vars(&[], &vars.0);
+        wait_refused(&mut first, &addr, "elasticsearch", "403").await;
+        first.stop();
+
+        pki.file("api-key", "wrong-key\n");
+        let vars = vars.set("HTTP_ADDR", format!("127.0.0.1:{}", free_port()));
+        let addr = vars.http_addr();
+        let mut w = env.spawn_vars(&[], &vars.0);
+        wait_refused(&mut w, &addr, "elasticsearch", "401").await;
+        publish(&amqp, 1..=5).await;
+        wait_rows(&env.db, 5).await;
+        wait_until("index work waiting", WAIT, POLL, || async {
+            held(&env, "chat_writer.index") >= 1
+        })
+        .await;
+        assert_eq!(env.dead_and_retrying(), (0, 0), "{:?}", env.list_queues());
+        assert_eq!(env.es.count().await, None, "no index yet");
+        assert_eq!(es.requests().0, 0, "nothing forwarded");
+
+        pki.file("api-key", "right-key\n");
+        assert_exactly(&env, &env.db, 5).await;
+        wait_ready(&addr).await;
+        let m = scrape(&addr);
+        assert_eq!(m.must("chat_writer_index_rejected_total", &[]), 0.0);
+        w.stop();
+        env.assert_nothing_dead_or_retrying();
+        assert_eq!(held(&env, "chat_writer.index"), 0);
+        let seen = es.auth_seen();
+        for key in ["read-only-key", "wrong-key", "right-key"] {
+            assert!(seen.contains(&format!("ApiKey {key}")), "{seen:?}");
+        }
+        assert_eq!(seen.len(), 3, "{seen:?}");
+        amqp.close().await;
+    });
+}
+
+/// Bad TLS configuration exits 2 at start, naming the variable (and the
+/// file): a CA file that is not PEM, a missing key file, NAME with
+/// NAME_FILE, a client certificate without its key, an unreadable
+/// NAME_FILE.
+#[test]
+fn bad_tls_configuration_exits_2() {
+    let env = TestEnv::new("tls_bad_config");
+    let pki = Pki::new();
+    let not_pem = pki.file("not-a-ca.pem", "this is not a certificate\n");
+    let missing = pki.dir.join("no-such.key");
+    let password_file = pki.file("password", "secret\n");
+    let amqps = format!("amqps://guest:guest@127.0.0.1:{}/x", free_port());
+    let cert = path(&pki.client.cert);
+    // (variables set, what stderr must name)
+    type Case = (Vec<(&'static str, String)>, Vec<String>);
+    let cases: Vec<Case> = vec![
+        (
+            vec![
+                ("RABBITMQ_URL", amqps.clone()),
+                ("RABBITMQ_TLS_CA_FILE", path(&not_pem)),
+            ],
+            vec!["RABBITMQ_TLS_CA_FILE".into(), path(&not_pem)],
+        ),
+        (
+            vec![
+                ("REDIS_TLS_CERT_FILE", cert.clone()),
+                ("REDIS_TLS_KEY_FILE", path(&missing)),
+            ],
+            vec!["REDIS_TLS_KEY_FILE".into(), path(&missing)],
+        ),
+        (
+            vec![
+                ("DATABASE_PASSWORD", "secret".into()),
+                ("DATABASE_PASSWORD_FILE", path(&password_file)),
+            ],
+            vec!["DATABASE_PASSWORD".into(), "DATABASE_PASSWORD_FILE".into()],
+        ),
+        (
+            vec![("ELASTICSEARCH_TLS_CERT_FILE", cert.clone())],
+            vec![
+                "ELASTICSEARCH_TLS_CERT_FILE".into(),
+                "ELASTICSEARCH_TLS_KEY_FILE".into(),
+            ],
+        ),
+        (
+            vec![("ELASTICSEARCH_API_KEY_FILE", path(&missing))],
+            vec!["ELASTICSEARCH_API_KEY_FILE".into(), path(&missing)],
+        ),
+    ];
+    for (set, named) in cases {
+        let mut vars = Vars::new(&env);
+        for (k, v) in &set {
+            vars = vars.set(k, v.clone());
+        }
+        let mut w = env.spawn_vars(&[], &vars.0);
+        let exit = w.wait_exit(Duration::from_secs(15));
+        let log = w.log();
+        assert_eq!(exit.code, Some(2), "{set:?}: exit {exit:?}\n{log}");
+        for n in &named {
+            assert!(
+                log.contains(n.as_str()),
+                "{set:?}: stderr does not name {n}:\n{log}"
+            );
+        }
+    }
 }

@@ -996,6 +996,58 @@ fn es_api_key_refused_then_corrected_in_its_file() {
     });
 }
 
+/// `<S>_TLS_INSECURE=true` skips verification (a certificate of an unknown
+/// CA is taken) and says so at start, for Redis and Elasticsearch.
+#[test]
+fn insecure_skips_verification_and_warns() {
+    let env = TestEnv::new("tls_insecure");
+    let pki = Pki::new();
+    let ca = pki.ca_file();
+    let redis = RedisTls::start(&pki, free_port(), &pki.untrusted, &ca, "no");
+    let kv = Kv::with_url(&redis.socket_url(0));
+    let es = TlsProxy::start_http(
+        es_upstream(&env.es_url),
+        &pki.untrusted,
+        EsAuth::api_key("k-2"),
+    );
+    let vars = Vars::new(&env)
+        .rediss(&redis, "127.0.0.1", &ca)
+        .set("REDIS_TLS_INSECURE", "true")
+        .https(&es, &ca)
+        .set("ELASTICSEARCH_TLS_INSECURE", "true")
+        .set("ELASTICSEARCH_API_KEY", "k-2");
+    let addr = vars.http_addr();
+    smol::block_on(async {
+        env.migrate_and_seed().await;
+        let amqp = env.amqp().await;
+        amqp.declare_work_queues().await;
+        kv.set_message_counter(TOKEN, 1, 3, true).await;
+        let mut w = env.spawn_vars(&[], &vars.0);
+        env.wait_consuming(&mut w).await;
+        wait_ready(&addr).await;
+        publish(&amqp, 1..=3).await;
+        assert_exactly(&env, &env.db, 3).await;
+        wait_until("count synced", WAIT, POLL, || async {
+            env.db.messages_count(CHAT_ID).await == Some(3)
+        })
+        .await;
+        w.stop();
+        let log = w.log();
+        for var in ["REDIS_TLS_INSECURE", "ELASTICSEARCH_TLS_INSECURE"] {
+            assert!(
+                log.lines().any(|l| l.contains("WARN") && l.contains(var)),
+                "no warning naming {var}:\n{}",
+                w.log_tail(30)
+            );
+        }
+        for var in ["RABBITMQ_TLS_INSECURE", "DATABASE_TLS_INSECURE"] {
+            assert!(!log.contains(var), "{var} is not set:\n{}", w.log_tail(30));
+        }
+        assert_eq!(es.handshake_errors(), Vec::<String>::new());
+        amqp.close().await;
+    });
+}
+
 /// Bad TLS configuration exits 2 at start, naming the variable (and the
 /// file): a CA file that is not PEM, a missing key file, NAME with
 /// NAME_FILE, a client certificate without its key, an unreadable

@@ -19,6 +19,7 @@ use crate::elasticsearch::Client;
 use crate::metrics::{self, Dependency, Metrics};
 use crate::redis_store::Redis;
 use crate::shutdown::Shutdown;
+use crate::tls::SslMode;
 use async_compat::Compat;
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Opts};
@@ -43,12 +44,14 @@ async fn within<T>(d: Duration, f: impl std::future::Future<Output = T>) -> Opti
 /// missing, dropped after a failure): true if MySQL answered in time. Its
 /// own connection, not the pool's, so a pool busy with batches waiting on
 /// locks does not read as MySQL being down.
-/// With DATABASE_SSL_MODE=preferred, `plain` is tried when the server
-/// offers no TLS. Records the failure (or its end) for `/readyz`.
-pub async fn probe_mysql(opts: &Opts, plain: Option<&Opts>, conn: &mut Option<Conn>) -> bool {
+/// `opts` adapt to the server's TLS as the pool's do
+/// ([`crate::mysql::adapted`]). Records the failure (or its end) for
+/// `/readyz`.
+pub async fn probe_mysql(opts: &mut Opts, mode: SslMode, conn: &mut Option<Conn>) -> bool {
+    let where_ = format!("{}:{}", opts.ip_or_hostname(), opts.tcp_port());
     let ping = Compat::new(async {
         if conn.is_none() {
-            *conn = Some(crate::mysql::connect_with(opts, plain).await?);
+            *conn = Some(crate::mysql::connect_with(opts, mode).await?);
         }
         match conn.as_mut() {
             Some(c) => c.query_drop("SELECT 1").await,
@@ -65,7 +68,6 @@ pub async fn probe_mysql(opts: &Opts, plain: Option<&Opts>, conn: &mut Option<Co
         // Dropped inside the adapter: the driver closes it on its runtime.
         Compat::new(async { drop(conn.take()) }).await;
     }
-    let where_ = format!("{}:{}", opts.ip_or_hostname(), opts.tcp_port());
     metrics::get().set_failure(
         Dependency::mysql,
         failure.map(|f| (format!("{where_}: {}", f.replace('\n', " ")), false)),
@@ -162,10 +164,7 @@ fn state(d: Dependency) -> &'static str {
 pub async fn run(cfg: &Config, redis: std::rc::Rc<Redis>, shutdown: Shutdown) {
     let m = metrics::get();
     let db = Some(cfg.database_name.as_str());
-    let (mysql, mysql_plain) = (
-        crate::mysql::opts(cfg, db),
-        crate::mysql::fallback_opts(cfg, db),
-    );
+    let mut mysql = crate::mysql::opts(cfg, db);
     let elasticsearch = cfg.elasticsearch_url.as_deref().map(|base| {
         Client::with(
             base,
@@ -182,7 +181,7 @@ pub async fn run(cfg: &Config, redis: std::rc::Rc<Redis>, shutdown: Shutdown) {
     loop {
         m.set_up(
             Dependency::mysql,
-            probe_mysql(&mysql, mysql_plain.as_ref(), &mut probe_conn).await,
+            probe_mysql(&mut mysql, cfg.database_ssl_mode, &mut probe_conn).await,
         );
         m.set_up(Dependency::redis, probe_redis(&redis).await);
         if let Some(client) = &elasticsearch {

@@ -90,34 +90,33 @@ fn one_line(s: &str) -> String {
 /// DB_MAX_IDLE_CONNS connections when idle. Dead connections are replaced by
 /// the pool on the next checkout.
 ///
-/// With DATABASE_SSL_MODE=preferred the pool first asks for TLS; when the
-/// server answers that it has none, the pool is replaced once by a plain
-/// one (MySQL's own client does the same per connection) and a warning is
-/// logged.
+/// The pool's TLS options adapt once to what the server presents (see
+/// [`adapted`]): with DATABASE_SSL_MODE=preferred, a server without TLS
+/// gets plain connections; with `verify_ca`, a certificate signed by a
+/// trusted CA for another name than DATABASE_HOST is accepted.
 #[derive(Clone)]
 pub struct Store {
-    pool: Arc<Mutex<Pool>>,
-    /// Plain options to fall back to (DATABASE_SSL_MODE=preferred), and
-    /// whether the pool has switched to them.
-    fallback: Arc<Mutex<(Option<Opts>, bool)>>,
+    /// The pool and the options it was built with.
+    state: Arc<Mutex<(Pool, Opts)>>,
+    mode: SslMode,
     known: Arc<Mutex<writes::KnownParents>>,
 }
 
 impl Store {
     /// Builds the pool; connects lazily on first use.
     pub fn new(cfg: &Config) -> Store {
-        let db = Some(cfg.database_name.as_str());
+        let opts = opts(cfg, Some(cfg.database_name.as_str()));
         Store {
-            pool: Arc::new(Mutex::new(Pool::new(opts(cfg, db)))),
-            fallback: Arc::new(Mutex::new((fallback_opts(cfg, db), false))),
+            state: Arc::new(Mutex::new((Pool::new(opts.clone()), opts))),
+            mode: cfg.database_ssl_mode,
             known: Default::default(),
         }
     }
 
     /// The pool as it is now (a cheap handle). Its `get_conn` does not
-    /// fall back to plain connections: use [`Store::get_conn`].
+    /// adapt the TLS options: use [`Store::get_conn`].
     pub fn pool(&self) -> Pool {
-        lock(&self.pool).clone()
+        lock(&self.state).0.clone()
     }
 
     /// A pooled connection.
@@ -125,7 +124,7 @@ impl Store {
     /// Errors: the driver's; see [`classify`].
     pub async fn get_conn(&self) -> Result<mysql_async::Conn, mysql_async::Error> {
         match self.pool().get_conn().await {
-            Err(e) if self.fall_back(&e) => self.pool().get_conn().await,
+            Err(e) if self.adapt(&e) => self.pool().get_conn().await,
             r => r,
         }
     }
@@ -135,27 +134,19 @@ impl Store {
     pub async fn begin(&self) -> Result<mysql_async::Transaction<'static>, mysql_async::Error> {
         let tx = mysql_async::TxOpts::default();
         match self.pool().start_transaction(tx.clone()).await {
-            Err(e) if self.fall_back(&e) => self.pool().start_transaction(tx).await,
+            Err(e) if self.adapt(&e) => self.pool().start_transaction(tx).await,
             r => r,
         }
     }
 
-    /// True when `e` says the server has no TLS and DATABASE_SSL_MODE is
-    /// `preferred`: the pool is now plain and the caller asks again.
-    fn fall_back(&self, e: &mysql_async::Error) -> bool {
-        if !server_has_no_tls(e) {
+    /// True when `e` calls for other TLS options ([`adapted`]): the pool is
+    /// replaced by one with them and the caller asks again.
+    fn adapt(&self, e: &mysql_async::Error) -> bool {
+        let mut state = lock(&self.state);
+        let Some(next) = adapted(&state.1, self.mode, e) else {
             return false;
-        }
-        let mut fallback = lock(&self.fallback);
-        let Some(plain) = fallback.0.take() else {
-            // Already plain (another caller switched), or no fallback.
-            return fallback.1;
         };
-        fallback.1 = true;
-        log::warn!(
-            "mysql: the server offers no TLS; DATABASE_SSL_MODE=preferred, so the connections are plain (set verify_identity to require TLS)"
-        );
-        *lock(&self.pool) = Pool::new(plain);
+        *state = (Pool::new(next.clone()), next);
         true
     }
 
@@ -170,38 +161,79 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// True when the server refused TLS because it has none (its handshake
-/// lacks `CLIENT_SSL`).
-fn server_has_no_tls(e: &mysql_async::Error) -> bool {
-    matches!(
-        e,
-        mysql_async::Error::Driver(mysql_async::DriverError::NoClientSslFlagFromServer)
-    )
+/// The options to use instead of `opts` after the connection failed with
+/// `e`, if DATABASE_SSL_MODE `mode` calls for a change (logged once):
+///
+/// - `preferred` and the server has no TLS (its handshake lacks
+///   `CLIENT_SSL`): the same options without TLS, as MySQL's own client
+///   does.
+/// - `verify_ca` and the certificate, verified against the trusted CAs,
+///   is for another name: the same options checking that name instead of
+///   DATABASE_HOST. mysql_async 0.37's own switch for this
+///   (`with_danger_skip_domain_validation`) misses the wording of current
+///   rustls (blackbeam/mysql_async#404); rustls checks the chain before the
+///   name, so a name error means the chain was trusted.
+pub fn adapted(opts: &Opts, mode: SslMode, e: &mysql_async::Error) -> Option<Opts> {
+    let ssl = opts.ssl_opts()?;
+    if mode == SslMode::Preferred
+        && matches!(
+            e,
+            mysql_async::Error::Driver(mysql_async::DriverError::NoClientSslFlagFromServer)
+        )
+    {
+        log::warn!(
+            "mysql: the server offers no TLS; DATABASE_SSL_MODE=preferred, so the connections are plain (set verify_identity to require TLS)"
+        );
+        return Some(OptsBuilder::from_opts(opts.clone()).ssl_opts(None).into());
+    }
+    if mode == SslMode::VerifyCa {
+        let name = presented_name(&e.to_string())?;
+        if ssl.tls_hostname_override() == Some(name.as_str()) {
+            return None;
+        }
+        log::info!(
+            "mysql: the server's certificate is signed by a trusted CA and names {name:?}, not {:?}; DATABASE_SSL_MODE=verify_ca accepts it",
+            opts.ip_or_hostname()
+        );
+        let ssl = ssl.clone().with_danger_tls_hostname_override(Some(name));
+        return Some(OptsBuilder::from_opts(opts.clone()).ssl_opts(ssl).into());
+    }
+    None
+}
+
+/// The first name a certificate is valid for, from rustls's name-mismatch
+/// error: `certificate not valid for name "db"; certificate is only valid
+/// for DnsName("mysql.internal")` (or `IpAddress(…)`).
+fn presented_name(error: &str) -> Option<String> {
+    let rest = &error[error.find("certificate is only valid for ")? + 30..];
+    if let Some(dns) = rest.strip_prefix("DnsName(\"") {
+        return Some(dns[..dns.find('"')?].to_string());
+    }
+    let ip = rest.strip_prefix("IpAddress(")?;
+    let ip = &ip[..ip.find(')')?];
+    ip.parse::<std::net::IpAddr>().ok().map(|a| a.to_string())
 }
 
 /// One connection of its own (not the pool's) with the options of `cfg`
-/// and default database `db`, falling back to plain as [`Store`] does.
+/// and default database `db`, adapting them as [`Store`] does.
 ///
 /// Errors: the driver's.
 pub async fn connect(cfg: &Config, db: Option<&str>) -> Result<Conn, mysql_async::Error> {
-    connect_with(&opts(cfg, db), fallback_opts(cfg, db).as_ref()).await
+    connect_with(&mut opts(cfg, db), cfg.database_ssl_mode).await
 }
 
-/// [`connect`] with prepared options: `opts`, then `plain` when the
-/// server has no TLS and DATABASE_SSL_MODE is `preferred`.
-pub async fn connect_with(opts: &Opts, plain: Option<&Opts>) -> Result<Conn, mysql_async::Error> {
+/// [`connect`] with prepared options, updated in place when they adapt.
+pub async fn connect_with(opts: &mut Opts, mode: SslMode) -> Result<Conn, mysql_async::Error> {
     match Conn::new(opts.clone()).await {
-        Err(e) if server_has_no_tls(&e) && plain.is_some() => {
-            Conn::new(plain.cloned().unwrap_or_else(|| opts.clone())).await
-        }
+        Err(e) => match adapted(opts, mode, &e) {
+            Some(next) => {
+                *opts = next;
+                Conn::new(opts.clone()).await
+            }
+            None => Err(e),
+        },
         r => r,
     }
-}
-
-/// The plain options to fall back to when DATABASE_SSL_MODE is `preferred`.
-pub fn fallback_opts(cfg: &Config, db: Option<&str>) -> Option<Opts> {
-    (cfg.database_ssl_mode == SslMode::Preferred && ssl_opts(cfg).is_some())
-        .then(|| OptsBuilder::from_opts(opts(cfg, db)).ssl_opts(None).into())
 }
 
 /// TLS options for DATABASE_SSL_MODE and DATABASE_TLS_*; `None` for plain.
@@ -266,4 +298,27 @@ pub fn opts(cfg: &Config, db: Option<&str>) -> Opts {
         .pool_opts(pool_opts)
         .ssl_opts(ssl_opts(cfg))
         .into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The names are read from rustls's own wording (0.23), as the driver
+    /// passes it on.
+    #[test]
+    fn the_presented_name_comes_from_rustls_name_mismatch_error() {
+        let dns = r#"Input/output error: Input/output error: invalid peer certificate: certificate not valid for name "127.0.0.1"; certificate is only valid for DnsName("wrong-host.invalid") or DnsName("other")"#;
+        assert_eq!(presented_name(dns).as_deref(), Some("wrong-host.invalid"));
+        let ip = r#"invalid peer certificate: certificate not valid for name "db"; certificate is only valid for IpAddress(10.0.0.7)"#;
+        assert_eq!(presented_name(ip).as_deref(), Some("10.0.0.7"));
+        assert_eq!(
+            presented_name("invalid peer certificate: UnknownIssuer"),
+            None
+        );
+        assert_eq!(
+            presented_name("certificate is only valid for IpAddress(not-an-ip)"),
+            None
+        );
+    }
 }

@@ -21,6 +21,9 @@ echo "== cargo clippy"
 cargo clippy --locked --workspace --all-targets -- -D warnings
 echo "== unit tests"
 cargo test --locked --lib --bins
+echo "== unit tests of the build without TLS (--no-default-features)"
+cargo clippy --locked -p chat-writer --lib --bins --no-default-features -- -D warnings
+cargo test --locked -p chat-writer --lib --no-default-features
 echo "== decoder property test (no services)"
 cargo test --locked --test decoder_props -- --nocapture
 echo "== integration tests"

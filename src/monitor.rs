@@ -4,7 +4,7 @@
 //! they use them, and an idle writer uses neither; the indexer learns that
 //! Elasticsearch hangs only when a request times out (60 s). So every
 //! [`PROBE_EVERY`] a task asks each one (`SELECT 1` on a connection of its
-//! own, `PING`, `GET /` of Elasticsearch, each within [`PROBE_TIMEOUT`])
+//! own, `PING`, `GET /<index>/_mapping` of Elasticsearch, each within [`PROBE_TIMEOUT`])
 //! and sets `chat_writer_up`, which `/readyz` reads (MySQL) and operators
 //! alert on. The probe's MySQL connection is one more than
 //! DB_MAX_OPEN_CONNS.
@@ -99,9 +99,9 @@ pub async fn probe_redis(redis: &Redis) -> bool {
     ok
 }
 
-/// `GET /` of the Elasticsearch base URL: true if it answered in time
-/// with a status under 500 (401 or 403 still mean the server is there,
-/// but are recorded as a refusal for `/readyz` and logged once per change).
+/// [`Client::ping`]: true if the search server answered in time with a
+/// status under 500 (401 or 403 still mean the server is there, but are
+/// recorded as a refusal for `/readyz` and logged once per change).
 pub async fn probe_elasticsearch(client: &Client) -> bool {
     let m = metrics::get();
     let (up, failure) = match client.ping().await {

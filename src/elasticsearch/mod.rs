@@ -205,15 +205,18 @@ impl Client {
         ))
     }
 
-    /// `GET /` of the base URL: `Ok` when the server answers 2xx.
+    /// `GET /<index>/_mapping`, a request the writer needs the rights for
+    /// anyway (`GET /` needs cluster privileges an API key scoped to the
+    /// index does not have): `Ok` when the server answers 2xx, or 404 (no
+    /// index yet).
     ///
-    /// Errors, as one line: `"<status> <type>: <reason>"` for an answer
-    /// (401 and 403 also make the client read its key file again), or the
-    /// transport's error (a TLS failure names its reason).
+    /// Errors, as one line: `"<status> <type>: <reason>"` for another
+    /// answer (401 and 403 also make the client read its key file again),
+    /// or the transport's error (a TLS failure names its reason).
     pub async fn ping(&self) -> Result<(), (Option<u16>, String)> {
         let this = self.clone();
         smol::unblock(move || {
-            let url = format!("{}/", this.base);
+            let url = format!("{}/{}/_mapping", this.base, this.index);
             let mut req = this.agent.get(&url);
             if let Some(h) = this.auth.header() {
                 req = req.header("Authorization", h);
@@ -225,7 +228,7 @@ impl Client {
                 )
             })?;
             let status = resp.status().as_u16();
-            if (200..300).contains(&status) {
+            if (200..300).contains(&status) || status == 404 {
                 return Ok(());
             }
             let text = resp

@@ -24,7 +24,7 @@
 //! 6. prints a summary table and exits 0 only if every number equals what it
 //!    published; on timeout it prints what is missing and exits 1.
 //!
-//! Publishing follows the contract (`/work/shared/CONTRACT.md`, section 3):
+//! Publishing follows the writer's interface (README, "How it works"):
 //! JSON, content type `application/json`, persistent (delivery mode 2), AMQP
 //! timestamp = now in seconds, default exchange, routing key = queue name,
 //! `mandatory` set and publisher confirms on. Publishes are pipelined: up to
@@ -52,6 +52,9 @@
 //! | RABBITMQ_URL | amqp://guest:guest@rabbitmq:5672/ |
 //! | ELASTICSEARCH_URL | http://elasticsearch:9200 (empty: skip the index checks) |
 //! | ELASTICSEARCH_INDEX | messages |
+//! | DEMO_DATABASE_SOCKET | (empty) the demo's own: MySQL over this unix socket instead of DATABASE_HOST:DATABASE_PORT (`perf/demo.sh --tls`, where the writer alone uses TCP and TLS) |
+//!
+//! REDIS_URL may be `redis+unix:///path/to/redis.sock?db=0`.
 //!
 //! # Flags
 //!
@@ -98,7 +101,8 @@ flags:
 
 environment (same as chat-writer): DATABASE_HOST, DATABASE_PORT,
 DATABASE_USERNAME, DATABASE_PASSWORD, DATABASE_NAME, REDIS_URL, RABBITMQ_URL,
-ELASTICSEARCH_URL (empty: skip the index checks), ELASTICSEARCH_INDEX";
+ELASTICSEARCH_URL (empty: skip the index checks), ELASTICSEARCH_INDEX;
+DEMO_DATABASE_SOCKET: MySQL over this unix socket instead of TCP";
 
 const QUEUES: [&str; 3] = ["create_chats", "create_messages", "update_messages"];
 /// Redis commands per pipeline round trip.
@@ -128,6 +132,7 @@ struct Config {
     db_user: String,
     db_pass: String,
     db_name: String,
+    db_socket: Option<String>,
     redis_url: String,
     amqp_url: String,
     es_url: String,
@@ -166,6 +171,9 @@ fn parse_config() -> Res<Option<Config>> {
         db_user: env_or("DATABASE_USERNAME", "root"),
         db_pass: env_or("DATABASE_PASSWORD", "password"),
         db_name: env_or("DATABASE_NAME", "auth_api_development"),
+        db_socket: std::env::var("DEMO_DATABASE_SOCKET")
+            .ok()
+            .filter(|s| !s.is_empty()),
         redis_url: env_or("REDIS_URL", "redis://redis:6379/0"),
         amqp_url: env_or("RABBITMQ_URL", "amqp://guest:guest@rabbitmq:5672/"),
         es_url: env_or("ELASTICSEARCH_URL", "http://elasticsearch:9200")
@@ -855,7 +863,8 @@ async fn run(cfg: Config) -> Res<bool> {
         .user(Some(cfg.db_user.clone()))
         .pass(Some(cfg.db_pass.clone()))
         .db_name(Some(cfg.db_name.clone()))
-        .prefer_socket(false);
+        .prefer_socket(cfg.db_socket.is_some())
+        .socket(cfg.db_socket.clone());
     let pool = Pool::new(opts);
     let result = run_with_pool(cfg, &pool, &mut rng).await;
     let _ = pool.disconnect().await;
@@ -863,9 +872,13 @@ async fn run(cfg: Config) -> Res<bool> {
 }
 
 async fn run_with_pool(cfg: Config, pool: &Pool, rng: &mut Rng) -> Res<bool> {
+    let at = match &cfg.db_socket {
+        Some(sock) => format!("socket {sock}"),
+        None => format!("{}:{}", cfg.db_host, cfg.db_port),
+    };
     let mut db = pool.get_conn().await.ctx(&format!(
-        "connecting to MySQL {}:{} database {}",
-        cfg.db_host, cfg.db_port, cfg.db_name
+        "connecting to MySQL {at} database {}",
+        cfg.db_name
     ))?;
     let redis_client = redis::Client::open(cfg.redis_url.as_str())
         .ctx(&format!("REDIS_URL {:?}", cfg.redis_url))?;

@@ -57,7 +57,9 @@ pub struct Settings {
     /// Keep the sandboxes (database, vhost, index) for inspection.
     pub keep: bool,
     /// Extra `KEY=VALUE` environment for the writer (`--writer-env`), e.g.
-    /// `RABBITMQ_PREFETCH_COUNT=512`; applied after the sandbox's own.
+    /// `RABBITMQ_PREFETCH_COUNT=512`; applied after the sandbox's own, with
+    /// `{sandbox}` in a value replaced by the sandbox's name (a vhost in a
+    /// URL of `load tls`).
     pub writer_env: Vec<(String, String)>,
 }
 
@@ -265,11 +267,11 @@ pub async fn make_messages(
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
-/// The CONTRACT section 4 schema: the writer's own DDL (`chat-writer
+/// The schema: the writer's own DDL (`chat-writer
 /// migrate`), used when no writer binary is at hand (roofline).
 pub const SCHEMA: &[&str] = chat_writer::mysql::TABLES;
 
-/// The body creating the index with the mapping (CONTRACT section 7): the
+/// The body creating the index with the mapping: the
 /// writer's own, its backfill claim long stale (no writer runs on it).
 pub fn index_body() -> String {
     chat_writer::elasticsearch::create_body(0)
@@ -373,7 +375,7 @@ impl Sandbox {
         }
     }
 
-    /// The writer's environment (CONTRACT section 2) for this sandbox.
+    /// The writer's environment (the README's variables) for this sandbox.
     pub fn writer_env(&self) -> Vec<(String, String)> {
         let s = &self.settings;
         [
@@ -391,7 +393,11 @@ impl Sandbox {
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
-        .chain(s.writer_env.iter().cloned())
+        .chain(
+            s.writer_env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.replace("{sandbox}", &self.name))),
+        )
         .collect()
     }
 

@@ -1,4 +1,4 @@
-//! `load endpoint`: what the HTTP endpoint (`HTTP_ADDR`, issue 5) costs in
+//! `load endpoint`: what the HTTP endpoint (`HTTP_ADDR`) costs in
 //! idle memory.
 //!
 //! One sandbox (database, vhost, index, Redis DB) for all runs. Per
@@ -110,7 +110,7 @@ pub async fn run(s: &Settings, bin: &str, reps: usize) -> Res<(Value, String)> {
          | peak RSS (VmHWM) KiB, median | {} | {} | {} |\n\
          | idle RSS KiB, each run | {} | {} | |\n\n\
          `/metrics`: {} bytes; scrape time p50 {} ms, max {} ms ({} scrapes per run). \
-         Budget (issue 5): on − off at most 1,024 KiB.\n",
+         Budget: on − off at most 1,024 KiB.\n",
         SCRAPE_EVERY.as_millis(),
         fmt_num(rss_off),
         fmt_num(rss_on),

@@ -19,7 +19,10 @@
 //! - `memory`: one backlog drain per size (10,000 vs 1,000,000) to show
 //!   peak RSS does not grow with the backlog;
 //! - `endpoint`: idle RSS with the HTTP endpoint on (and scraped) vs off
-//!   (`endpoint.rs`).
+//!   (`endpoint.rs`);
+//! - `tls`: idle RSS and drains with all four connections plain vs over TLS,
+//!   alternately, against the same servers (`tls_footprint.rs`, with the TLS
+//!   test rig: `../rig.rs` and `tests/common/tls.rs`).
 //!
 //! Every run works in resources of its own, named `perf_<pid>_<seq>_<tag>`:
 //! a MySQL database, a RabbitMQ vhost (`rabbitmqctl add_vhost`), an index;
@@ -34,7 +37,14 @@ mod endpoint;
 mod plot;
 mod roofline;
 mod steady;
+mod tls_footprint;
 mod writer;
+
+// The TLS test rig of the tests and the four services built from it.
+#[path = "../rig.rs"]
+mod rig;
+#[path = "../../../tests/common/tls.rs"]
+mod tls;
 
 use common::*;
 use serde_json::Value;
@@ -43,7 +53,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 const USAGE: &str = "\
-usage: load <roofline|backlog|steady|ab|edits|memory|endpoint> [flags]   (flags before or after)
+usage: load <roofline|backlog|steady|ab|edits|memory|endpoint|tls> [flags]   (flags before or after)
 
 common flags:
   --es URL            Elasticsearch/OpenSearch (default $ELASTICSEARCH_URL or http://127.0.0.1:9200)
@@ -65,7 +75,9 @@ ab:        --a PATH --b PATH  --rounds K (3)  -n N (20000)  --rate R (2000)  --s
            --roofline FILE
 edits:     --a PATH --b PATH  --rounds K (3)  -n N (20000)
 memory:    --writer PATH  --sizes LIST (10000,1000000)
-endpoint:  --writer PATH  --reps K (5)";
+endpoint:  --writer PATH  --reps K (5)
+tls:       --writer PATH (built with TLS)  --rounds K (3)  -n N (20000)  --idle-secs S (10)
+           --indexing on|off (off)  --plain-writer PATH (built without TLS: idle, plain)";
 
 struct Args {
     cmd: String,
@@ -82,6 +94,9 @@ struct Args {
     b: Option<String>,
     rounds: usize,
     sizes: Vec<usize>,
+    idle_secs: u64,
+    indexing: Option<bool>,
+    plain_writer: Option<String>,
 }
 
 fn num(flag: &str, v: Option<String>) -> Res<usize> {
@@ -129,6 +144,9 @@ fn parse() -> Res<Option<Args>> {
         b: None,
         rounds: 3,
         sizes: vec![10_000, 1_000_000],
+        idle_secs: 10,
+        indexing: None,
+        plain_writer: None,
     };
     while let Some(arg) = it.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -170,6 +188,15 @@ fn parse() -> Res<Option<Args>> {
             "--b" => a.b = Some(val().ok_or("--b needs a path")?),
             "--rounds" => a.rounds = num(&flag, val())?.max(1),
             "--sizes" => a.sizes = list(&flag, val())?,
+            "--idle-secs" => a.idle_secs = num(&flag, val())?.max(1) as u64,
+            "--indexing" => {
+                a.indexing = Some(match val().as_deref() {
+                    Some("on") => true,
+                    Some("off") => false,
+                    v => return Err(format!("--indexing: expected on or off, got {v:?}")),
+                })
+            }
+            "--plain-writer" => a.plain_writer = Some(val().ok_or("--plain-writer needs a path")?),
             c if a.cmd.is_empty() && !c.starts_with('-') => a.cmd = c.to_string(),
             _ => return Err(format!("unknown argument {arg:?} (see --help)")),
         }
@@ -295,6 +322,19 @@ async fn run(a: Args) -> Res<()> {
             let (v, md) = endpoint::run(&a.s, &writer, a.reps.unwrap_or(5)).await?;
             println!("{md}");
             write_outputs(&a.s, "endpoint", &v, &md)
+        }
+        "tls" => {
+            let o = tls_footprint::Opts {
+                writer: need_writer(&a)?,
+                plain_writer: a.plain_writer.as_deref().map(abs).transpose()?,
+                rounds: a.rounds,
+                n: a.n.unwrap_or(20_000),
+                idle_secs: a.idle_secs,
+                indexing: a.indexing.unwrap_or(false),
+            };
+            let (v, md) = tls_footprint::run(&a.s, &o).await?;
+            println!("{md}");
+            write_outputs(&a.s, "tls", &v, &md)
         }
         other => Err(format!("unknown subcommand {other:?} (see --help)")),
     }

@@ -1,7 +1,7 @@
 //! The writer under test as a child process, and what the OS says about it.
 //!
 //! [`Writer::start`] runs the binary with the sandbox's environment
-//! (CONTRACT section 2, `HTTP_ADDR` empty), its stderr to a log file, and a
+//! (the README's variables, `HTTP_ADDR` empty), its stderr to a log file, and a
 //! sampler thread that reads `/proc/<pid>` every 50 ms: `VmHWM` (peak RSS),
 //! `VmRSS`, `Threads`, utime+stime (CPU seconds) and the number of open
 //! sockets (links `socket:[…]` in `/proc/<pid>/fd`: the writer's TCP

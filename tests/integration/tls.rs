@@ -1005,6 +1005,53 @@ fn es_api_key_refused_then_corrected_in_its_file() {
     });
 }
 
+/// A rotation that briefly leaves a value the start would refuse in
+/// ELASTICSEARCH_API_KEY_FILE (here an extra blank line: `right-key\n\n`):
+/// the writer reads it after a 401, and the header it makes cannot be sent,
+/// so no request reaches the server and no further 401 makes it read the
+/// file again. Once the file is corrected the index must still catch up
+/// without a restart (README: "a rotated key takes effect without a
+/// restart").
+#[test]
+fn es_api_key_file_with_a_bad_value_then_corrected() {
+    let env = TestEnv::new("tls_es_api_key_bad_value");
+    let pki = Pki::new();
+    let ca = pki.ca_file();
+    let es = TlsProxy::start_http(
+        es_upstream(&env.es_url),
+        &pki.server,
+        EsAuth::api_key("right-key"),
+    );
+    let key_file = pki.file("api-key", "wrong-key\n");
+    let vars = Vars::new(&env)
+        .https(&es, &ca)
+        .set("ELASTICSEARCH_API_KEY_FILE", path(&key_file));
+    let addr = vars.http_addr();
+    smol::block_on(async {
+        env.migrate_and_seed().await;
+        let amqp = env.amqp().await;
+        amqp.declare_work_queues().await;
+        let mut w = env.spawn_vars(&[], &vars.0);
+        wait_refused(&mut w, &addr, "elasticsearch", "401").await;
+        publish(&amqp, 1..=3).await;
+        wait_rows(&env.db, 3).await;
+
+        // Mid-rotation: the right key with one newline too many, left long
+        // enough for the writer to meet a 401 and read the file (the probe
+        // runs every 5 s, the indexer retries within seconds).
+        pki.file("api-key", "right-key\n\n");
+        smol::Timer::after(Duration::from_secs(12)).await;
+
+        // The operator corrects the file.
+        pki.file("api-key", "right-key\n");
+        assert_exactly(&env, &env.db, 3).await;
+        wait_ready(&addr).await;
+        w.stop();
+        env.assert_nothing_dead_or_retrying();
+        amqp.close().await;
+    });
+}
+
 /// `<S>_TLS_INSECURE=true` skips verification (a certificate of an unknown
 /// CA is taken) and says so at start, for Redis and Elasticsearch.
 #[test]

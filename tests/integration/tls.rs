@@ -849,6 +849,33 @@ fn mysql_certificate_refused_then_fixed() {
     });
 }
 
+/// DATABASE_SSL_MODE=verify_ca takes a certificate of a trusted CA
+/// "whatever name it carries" (README), as MySQL's own client does: also a
+/// wildcard name (`*.db.internal`, which cannot be used as the name to
+/// check) and no subjectAltName at all (a CN only, as MySQL's
+/// auto-generated server certificates have).
+#[test]
+fn mysql_verify_ca_takes_wildcard_and_cn_only_certificates() {
+    let env = TestEnv::new("tls_mysql_verify_ca_names");
+    let pki = Pki::new();
+    let ca = pki.ca_file();
+    let wildcard = pki.issue("wildcard", &["*.db.internal"], tls::Usage::Server);
+    let cn_only = pki.issue("cn-only", &[], tls::Usage::Server);
+    let mysql = MariaDb::start(&pki, free_port(), &wildcard, &ca);
+    let verify_ca = Vars::new(&env).mysql(&env, &mysql, "verify_ca", &ca);
+    for (what, cert) in [("wildcard", &wildcard), ("CN only", &cn_only)] {
+        mysql.set_cert(cert);
+        let mut m = env.spawn_vars(&["migrate"], &verify_ca.0);
+        let exit = m.wait_exit(Duration::from_secs(60));
+        assert_eq!(
+            exit.code,
+            Some(0),
+            "verify_ca with a trusted {what} certificate: migrate should pass:\n{}",
+            m.log_tail(10)
+        );
+    }
+}
+
 /// Redis's certificate refused: rows keep landing, counts wait; `/readyz`
 /// names redis and why. With the trusted certificate (same server, data
 /// kept) the markers and counts catch up.

@@ -16,12 +16,15 @@
 #      --idle-secs on empty queues (indexing on; the build without TLS
 #      too, plain) and a drain of --messages create_messages (indexing as
 #      --indexing says, the same for both);
+#      With --plain-relay, the plain writer reaches RabbitMQ through a plain
+#      relay of the TLS proxy's shape: the same extra hop on both sides, so
+#      the difference left is TLS alone;
 #   4. prints a markdown report and writes it with the JSON under
 #      target/perf/tls/.
 #
 # Usage: perf/tls_footprint.sh [--rounds K (3)] [--messages N (20000)]
 #          [--idle-secs S (10)] [--indexing on|off (off)] [--max-load L (1.2)]
-#          [--wait MINUTES (30)]
+#          [--wait MINUTES (30)] [--plain-relay]
 # Environment: CARGO_TARGET_DIR (default ./target).
 set -euo pipefail
 
@@ -30,7 +33,7 @@ ROOT=$(pwd)
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
 OUT="$ROOT/target/perf/tls"
 
-ROUNDS=3; N=20000; IDLE=10; INDEXING=off; MAX_LOAD=1.2; WAIT_MIN=30
+ROUNDS=3; N=20000; IDLE=10; INDEXING=off; MAX_LOAD=1.2; WAIT_MIN=30; RELAY=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --rounds) ROUNDS="${2:?}"; shift ;;
@@ -39,6 +42,7 @@ while [[ $# -gt 0 ]]; do
     --indexing) INDEXING="${2:?}"; shift ;;
     --max-load) MAX_LOAD="${2:?}"; shift ;;
     --wait) WAIT_MIN="${2:?}"; shift ;;
+    --plain-relay) RELAY=--plain-relay ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "tls_footprint.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -140,7 +144,7 @@ wait_up 30 osmem-server es_up || die "osmem-server did not answer on $ES_URL"
 # ------------------------------------------------------------ measure
 say "load tls: $ROUNDS rounds, drains of $N, indexing $INDEXING"
 "$LOAD" --es "$ES_URL" --out "$OUT" tls --writer "$WRITER" --plain-writer "$PLAIN_WRITER" \
-  --rounds "$ROUNDS" -n "$N" --idle-secs "$IDLE" --indexing "$INDEXING" >/dev/null
+  --rounds "$ROUNDS" -n "$N" --idle-secs "$IDLE" --indexing "$INDEXING" $RELAY >/dev/null
 
 {
   echo "## chat-writer: TLS footprint"
@@ -148,7 +152,7 @@ say "load tls: $ROUNDS rounds, drains of $N, indexing $INDEXING"
   echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores,"
   echo "commit $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$ROOT" diff --quiet HEAD -- src Cargo.toml Cargo.lock build.rs 2>/dev/null || echo ' (src dirty)'),"
   echo "load average at the start $LOAD_START, at the end $(cut -d' ' -f1-3 /proc/loadavg)${QUIET_NOTE:+ ($QUIET_NOTE)};"
-  echo "command: \`perf/tls_footprint.sh --rounds $ROUNDS --messages $N --idle-secs $IDLE --indexing $INDEXING\`."
+  echo "command: \`perf/tls_footprint.sh --rounds $ROUNDS --messages $N --idle-secs $IDLE --indexing $INDEXING${RELAY:+ $RELAY}\`."
   echo
   cat "$OUT/binary.md"
   echo

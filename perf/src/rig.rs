@@ -20,11 +20,14 @@
 #![allow(dead_code)]
 
 use crate::tls::{EsAuth, MariaDb, Pki, RedisTls, TlsProxy};
+use smol::io::{AsyncReadExt, AsyncWriteExt};
+use smol::Async;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// The API key the search server's proxy accepts.
@@ -273,4 +276,82 @@ pub fn redis_bulk(socket: &std::path::Path, args: &[&str]) -> Option<String> {
     let mut body = vec![0u8; len];
     r.read_exact(&mut body).ok()?;
     Some(String::from_utf8_lossy(&body).into_owned())
+}
+
+/// A plain TCP relay on 127.0.0.1 of the same shape as the TLS proxy (a
+/// thread per connection, 32 KiB copies, each flushed), without TLS: puts
+/// the proxy's extra hop on the plain side too, so a comparison can tell
+/// the hop from TLS.
+pub struct PlainRelay {
+    pub port: u16,
+    stop: Arc<AtomicBool>,
+    live: Arc<Mutex<Vec<TcpStream>>>,
+    acceptor: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PlainRelay {
+    pub fn start(upstream: SocketAddr) -> PlainRelay {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind relay");
+        let port = listener.local_addr().expect("relay address").port();
+        listener.set_nonblocking(true).expect("nonblocking");
+        let stop = Arc::new(AtomicBool::new(false));
+        let live: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let (st, lv) = (stop.clone(), live.clone());
+        let acceptor = std::thread::spawn(move || {
+            while !st.load(Ordering::SeqCst) {
+                let Ok((client, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                let _ = client.set_nonblocking(false);
+                let _ = client.set_nodelay(true);
+                let Ok(up) = TcpStream::connect(upstream) else {
+                    continue;
+                };
+                let _ = up.set_nodelay(true);
+                if let (Ok(a), Ok(b)) = (client.try_clone(), up.try_clone()) {
+                    lv.lock().unwrap().extend([a, b]);
+                }
+                std::thread::spawn(move || {
+                    let (Ok(c), Ok(u)) = (Async::new(client), Async::new(up)) else {
+                        return;
+                    };
+                    smol::block_on(smol::future::or(relay(&c, &u), relay(&u, &c)));
+                });
+            }
+        });
+        PlainRelay {
+            port,
+            stop,
+            live,
+            acceptor: Some(acceptor),
+        }
+    }
+}
+
+impl Drop for PlainRelay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for s in self.live.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        if let Some(h) = self.acceptor.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+async fn relay(from: &Async<TcpStream>, to: &Async<TcpStream>) {
+    let (mut r, mut w) = (from, to);
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if w.write_all(&buf[..n]).await.is_err() || w.flush().await.is_err() {
+            break;
+        }
+    }
+    let _ = to.get_ref().shutdown(std::net::Shutdown::Write);
 }

@@ -77,7 +77,8 @@ edits:     --a PATH --b PATH  --rounds K (3)  -n N (20000)
 memory:    --writer PATH  --sizes LIST (10000,1000000)
 endpoint:  --writer PATH  --reps K (5)
 tls:       --writer PATH (built with TLS)  --rounds K (3)  -n N (20000)  --idle-secs S (10)
-           --indexing on|off (off)  --plain-writer PATH (built without TLS: idle, plain)";
+           --indexing on|off (off)  --plain-writer PATH (built without TLS: idle, plain)
+           --plain-relay (plain RabbitMQ through a plain relay: the proxy's hop on both sides)";
 
 struct Args {
     cmd: String,
@@ -97,6 +98,7 @@ struct Args {
     idle_secs: u64,
     indexing: Option<bool>,
     plain_writer: Option<String>,
+    plain_relay: bool,
 }
 
 fn num(flag: &str, v: Option<String>) -> Res<usize> {
@@ -147,6 +149,7 @@ fn parse() -> Res<Option<Args>> {
         idle_secs: 10,
         indexing: None,
         plain_writer: None,
+        plain_relay: false,
     };
     while let Some(arg) = it.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -196,6 +199,7 @@ fn parse() -> Res<Option<Args>> {
                     v => return Err(format!("--indexing: expected on or off, got {v:?}")),
                 })
             }
+            "--plain-relay" => a.plain_relay = true,
             "--plain-writer" => a.plain_writer = Some(val().ok_or("--plain-writer needs a path")?),
             c if a.cmd.is_empty() && !c.starts_with('-') => a.cmd = c.to_string(),
             _ => return Err(format!("unknown argument {arg:?} (see --help)")),
@@ -331,6 +335,7 @@ async fn run(a: Args) -> Res<()> {
                 n: a.n.unwrap_or(20_000),
                 idle_secs: a.idle_secs,
                 indexing: a.indexing.unwrap_or(false),
+                plain_relay: a.plain_relay,
             };
             let (v, md) = tls_footprint::run(&a.s, &o).await?;
             println!("{md}");

@@ -30,10 +30,14 @@
 //! are read around each run: the TLS runs must show all four, the plain runs
 //! none. The load generator's own connections are plain. The proxies run
 //! in this process: in the drain's CPU figures they count as `load`.
+//!
+//! With `--plain-relay` the plain writer reaches RabbitMQ through a plain
+//! relay of the proxy's shape ([`PlainRelay`]): both sides then have the
+//! same extra hop, and what is left between them is TLS.
 
 use crate::backlog;
 use crate::common::*;
-use crate::rig::{Rig, Status};
+use crate::rig::{PlainRelay, Rig, Status};
 use crate::writer::Writer;
 use serde_json::{json, Value};
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -48,6 +52,9 @@ pub struct Opts {
     pub n: usize,
     pub idle_secs: u64,
     pub indexing: bool,
+    /// The plain writer reaches RabbitMQ through a plain relay of the TLS
+    /// proxy's shape (the same extra hop), not directly.
+    pub plain_relay: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -82,7 +89,13 @@ fn host_port(url: &str, default_port: u16) -> Res<SocketAddr> {
 
 /// The settings of one mode: our own (plain) connections to the rig's
 /// MariaDB and Redis, and the writer's variables.
-fn settings(s: &Settings, rig: &Rig, mode: Mode, indexing: bool) -> Settings {
+fn settings(
+    s: &Settings,
+    rig: &Rig,
+    relay: Option<&PlainRelay>,
+    mode: Mode,
+    indexing: bool,
+) -> Settings {
     let mut m = s.clone();
     m.db_host = "127.0.0.1".into();
     m.db_port = rig.db.port;
@@ -91,7 +104,15 @@ fn settings(s: &Settings, rig: &Rig, mode: Mode, indexing: bool) -> Settings {
     m.redis_url = format!("redis://127.0.0.1:{}/11", rig.redis_plain_port.unwrap_or(0));
     let mut env = s.writer_env.clone();
     match mode {
-        Mode::Plain => env.push(("DATABASE_SSL_MODE".into(), "disabled".into())),
+        Mode::Plain => {
+            env.push(("DATABASE_SSL_MODE".into(), "disabled".into()));
+            if let Some(r) = relay {
+                env.push((
+                    "RABBITMQ_URL".into(),
+                    format!("amqp://guest:guest@127.0.0.1:{}/{{sandbox}}", r.port),
+                ));
+            }
+        }
         Mode::Tls => env.extend(rig.writer_env("{sandbox}", 11, false)),
     }
     if !indexing {
@@ -180,8 +201,9 @@ pub async fn run(s: &Settings, o: &Opts) -> Res<(Value, String)> {
         "load: rig: amqps 127.0.0.1:{}, https 127.0.0.1:{}, Redis TLS {} / plain {}, MariaDB {}",
         rig.amqp.port, rig.es.port, rig.redis.tls_port, redis_plain, rig.db.port
     );
-    let idle_s = |m| settings(s, &rig, m, true);
-    let drain_s = |m| settings(s, &rig, m, o.indexing);
+    let relay = o.plain_relay.then(|| PlainRelay::start(amqp));
+    let idle_s = |m| settings(s, &rig, relay.as_ref(), m, true);
+    let drain_s = |m| settings(s, &rig, relay.as_ref(), m, o.indexing);
 
     let mut idle_runs: [Vec<Value>; 2] = [Vec::new(), Vec::new()];
     let mut idle_nontls = Vec::new();
@@ -244,6 +266,7 @@ pub async fn run(s: &Settings, o: &Opts) -> Res<(Value, String)> {
         }
     }
     let final_status = rig.status();
+    drop(relay);
     drop(rig);
 
     let med = |v: &[Value], k: &str| median(&vals(v, k));
@@ -255,12 +278,17 @@ pub async fn run(s: &Settings, o: &Opts) -> Res<(Value, String)> {
         "### TLS footprint: plain vs all four connections over TLS ({} rounds, alternating)\n\n\
          Writer `{}`, the same binary both ways; the same MariaDB and Redis (private, \
          TLS and plain ports), RabbitMQ and the search server directly (plain) or through \
-         the rig's TLS proxies (TLS). Idle: {} s after consuming, indexing on. Drain: {} \
+         the rig's TLS proxies (TLS){}. Idle: {} s after consuming, indexing on. Drain: {} \
          create_messages, indexing **{}**.\n\n\
          | figure | plain | TLS | TLS vs plain | plain, each | TLS, each |\n\
          |---|---:|---:|---:|---|---|\n",
         o.rounds,
         o.writer,
+        if o.plain_relay {
+            "; plain RabbitMQ through a plain relay of the proxy's shape (`--plain-relay`)"
+        } else {
+            ""
+        },
         o.idle_secs,
         fmt_num(o.n as f64),
         if o.indexing { "on" } else { "off" },
@@ -382,6 +410,7 @@ pub async fn run(s: &Settings, o: &Opts) -> Res<(Value, String)> {
         "n": o.n,
         "idle_secs": o.idle_secs,
         "indexing": o.indexing,
+        "plain_relay": o.plain_relay,
         "idle": {"plain": ip, "tls": it, "plain_build_without_tls": idle_nontls},
         "drain": {"plain": dp, "tls": dt},
         "median": {

@@ -96,6 +96,17 @@ impl Auth {
                 return;
             }
         };
+        // The check made at start: a value that cannot be sent as a header
+        // would stop every request (and so every later 401 that brings the
+        // writer back here); keep the old key and read the file again at
+        // the next refusal.
+        if key.is_empty() || !key.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+            log::warn!(
+                "elasticsearch: ELASTICSEARCH_API_KEY_FILE {} holds no usable key (empty, or not printable ASCII); keeping the previous one",
+                file.display()
+            );
+            return;
+        }
         let header = format!("ApiKey {key}");
         if let Ok(mut h) = self.header.lock() {
             if h.as_deref() != Some(header.as_str()) && !key.is_empty() {

@@ -13,14 +13,14 @@ use lapin::{Connection, ConnectionProperties};
 use std::net::TcpStream;
 use std::sync::{Arc, Mutex};
 
-/// The three work queues the API publishes to (CONTRACT section 3).
+/// The three work queues the API publishes to (README, "How it works").
 pub const WORK_QUEUES: [&str; 3] = ["create_chats", "create_messages", "update_messages"];
 
 /// The writer's own durable queue of index operations: one message per
 /// committed batch, an NDJSON `_bulk` body (see `elasticsearch::indexer`).
 pub const INDEX_QUEUE: &str = "chat_writer.index";
 
-/// `<queue>.dlq`, where dead letters go (CONTRACT section 3, Topology).
+/// `<queue>.dlq`, where dead letters go (README, "Failure semantics").
 pub fn dead_letter_queue(queue: &str) -> String {
     format!("{queue}.dlq")
 }

@@ -1,4 +1,4 @@
-//! Queue declarations (CONTRACT section 3, Topology).
+//! Queue declarations (README, "How it works": the work queues, their dead-letter and delay queues).
 //!
 //! A queue that exists is used as it is, whatever its arguments (case 3):
 //! the writer asks with a passive declare first and only declares a queue

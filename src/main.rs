@@ -111,6 +111,15 @@ fn usage_exit(args: &[OsString]) -> ExitCode {
     }
 }
 
+/// A MySQL error in one line, without the driver's doubled
+/// "Input/output error:" in front of an I/O error's own words.
+fn mysql_error(e: &mysql_async::Error) -> String {
+    match e {
+        mysql_async::Error::Io(mysql_async::IoError::Io(io)) => io.to_string(),
+        e => e.to_string(),
+    }
+}
+
 fn init_logging(level: log::LevelFilter) {
     let _ = simple_logger::SimpleLogger::new()
         .with_level(log::LevelFilter::Warn)
@@ -171,7 +180,12 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    log::error!("migrate failed: {e}");
+                    log::error!(
+                        "migrate failed: mysql {}:{}: {}",
+                        cfg.database_host,
+                        cfg.database_port,
+                        chat_writer::tls::explain(&mysql_error(&e))
+                    );
                     ExitCode::from(1)
                 }
             }

@@ -181,9 +181,14 @@ pub fn adapted(opts: &Opts, mode: SslMode, e: &mysql_async::Error) -> Option<Opt
             mysql_async::Error::Driver(mysql_async::DriverError::NoClientSslFlagFromServer)
         )
     {
-        log::warn!(
-            "mysql: the server offers no TLS; DATABASE_SSL_MODE=preferred, so the connections are plain (set verify_identity to require TLS)"
-        );
+        // The pool and the probe's own connection each fall back: one
+        // line for the process.
+        static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            log::warn!(
+                "mysql: the server offers no TLS; DATABASE_SSL_MODE=preferred, so the connections are plain (set verify_identity to require TLS)"
+            );
+        }
         return Some(OptsBuilder::from_opts(opts.clone()).ssl_opts(None).into());
     }
     if mode == SslMode::VerifyCa {
@@ -223,17 +228,36 @@ pub async fn connect(cfg: &Config, db: Option<&str>) -> Result<Conn, mysql_async
 }
 
 /// [`connect`] with prepared options, updated in place when they adapt.
+/// Each attempt gives up after [`CONNECT_TIMEOUT`].
 pub async fn connect_with(opts: &mut Opts, mode: SslMode) -> Result<Conn, mysql_async::Error> {
-    match Conn::new(opts.clone()).await {
+    match new_conn(opts).await {
         Err(e) => match adapted(opts, mode, &e) {
             Some(next) => {
                 *opts = next;
-                Conn::new(opts.clone()).await
+                new_conn(opts).await
             }
             None => Err(e),
         },
         r => r,
     }
+}
+
+/// How long opening one connection of its own may take (TCP, TLS,
+/// authentication), as for the AMQP connection: a host that drops packets
+/// or accepts and never answers fails instead of hanging `migrate`.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `Conn::new` within [`CONNECT_TIMEOUT`].
+async fn new_conn(opts: &Opts) -> Result<Conn, mysql_async::Error> {
+    smol::future::or(Conn::new(opts.clone()), async {
+        async_io::Timer::after(CONNECT_TIMEOUT).await;
+        Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no answer within {} s", CONNECT_TIMEOUT.as_secs()),
+        )
+        .into())
+    })
+    .await
 }
 
 /// TLS options for DATABASE_SSL_MODE and DATABASE_TLS_*; `None` for plain.

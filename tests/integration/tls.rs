@@ -1198,3 +1198,67 @@ fn bad_tls_configuration_exits_2() {
         }
     }
 }
+
+/// The lines of `log` that contain `what`.
+fn lines_with(log: &str, what: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| l.contains(what))
+        .map(str::to_string)
+        .collect()
+}
+
+/// `migrate` against a MySQL host that accepts the connection and never
+/// answers (as a blackholed address behind a middlebox does) gives up
+/// after the connect timeout, naming mysql and the host.
+#[test]
+fn migrate_gives_up_on_a_host_that_never_answers() {
+    let env = TestEnv::new("tls_migrate_silent");
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = silent.local_addr().expect("address").port();
+    let vars = Vars::new(&env).set("DATABASE_PORT", port.to_string());
+    let mut m = env.spawn_vars(&["migrate"], &vars.0);
+    let exit = m.wait_exit(Duration::from_secs(30));
+    assert_eq!(exit.code, Some(1), "{}", m.log());
+    assert!(
+        exit.after >= Duration::from_secs(10) && exit.after < Duration::from_secs(20),
+        "{exit:?}"
+    );
+    let failed = lines_with(&m.log(), "ERROR");
+    assert_eq!(failed.len(), 1, "{failed:#?}");
+    assert!(
+        failed[0].ends_with(&format!(
+            "migrate failed: mysql 127.0.0.1:{port}: no answer within 10 s"
+        )),
+        "{failed:#?}"
+    );
+    drop(silent);
+}
+
+/// DATABASE_SSL_MODE=preferred (the default) and a server without TLS:
+/// the pool and the probe's own connection both fall back to plain, and
+/// the log says so once.
+#[test]
+fn preferred_falls_back_to_plain_with_one_warning() {
+    let env = TestEnv::new("tls_preferred_once");
+    let vars = Vars::new(&env).unset("DATABASE_SSL_MODE");
+    let addr = vars.http_addr();
+    smol::block_on(async {
+        env.migrate_and_seed().await;
+        let amqp = env.amqp().await;
+        amqp.declare_work_queues().await;
+        let mut w = env.spawn_vars(&[], &vars.0);
+        env.wait_consuming(&mut w).await;
+        // Ready: the probe's connection is up; a row: the pool's is too.
+        wait_ready(&addr).await;
+        publish(&amqp, 1..=1).await;
+        wait_rows(&env.db, 1).await;
+        w.stop();
+        let said = lines_with(&w.log(), "the server offers no TLS");
+        assert_eq!(said.len(), 1, "{said:#?}");
+        assert!(
+            said[0].ends_with("WARN  [chat_writer::mysql] mysql: the server offers no TLS; DATABASE_SSL_MODE=preferred, so the connections are plain (set verify_identity to require TLS)"),
+            "{said:#?}"
+        );
+        amqp.close().await;
+    });
+}

@@ -222,7 +222,8 @@ pub const VARIABLES: &[Variable] = &[
 /// secret (see [`ConfigError::value`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
-    /// The variable at fault (`NAME_FILE` when its file is at fault).
+    /// The variable at fault (`NAME_FILE` when its file, or the value read
+    /// from it, is at fault).
     pub variable: String,
     /// The value seen, with secrets hidden: the password of a URL variable
     /// replaced by `***` ([`redact_url`]), a [`SECRET_VARIABLES`] value
@@ -402,7 +403,11 @@ impl Config {
             }
         })
         .map_err(|mut e| {
-            if let (None, Some(f), Some(entry)) = (env(&e.variable), file, from_file(&e.variable)) {
+            // The file's line only when the variable at fault came from the
+            // file (its layer), not when the environment set it or its
+            // `NAME_FILE` twin.
+            let base = e.variable.strip_suffix(FILE_SUFFIX).unwrap_or(&e.variable);
+            if let (false, Some(f), Some(entry)) = (env_sets(base), file, from_file(&e.variable)) {
                 e.origin = Some(format!(
                     "--env-file {} line {}",
                     f.path().display(),
@@ -444,6 +449,45 @@ impl Config {
             };
             values.insert(v.name, value);
         }
+        // A value read from `NAME_FILE` that does not parse is reported as
+        // that file's fault: `NAME_FILE=path`, not `NAME`.
+        parse_values(&values)
+            .map_err(|e| match files.get(e.variable.as_str()) {
+                Some(path) => value_file_error(e, path),
+                None => e,
+            })
+            .map(|mut c| {
+                if let Some(key) = c.elasticsearch_api_key.as_mut() {
+                    key.file = files.get("ELASTICSEARCH_API_KEY").cloned();
+                }
+                c
+            })
+    }
+}
+
+/// The error for a value read from a `NAME_FILE` (at `path`) that does
+/// not parse: it names `NAME_FILE` and the path, then what the file must
+/// hold and (unless the variable is a secret) what it holds.
+fn value_file_error(e: ConfigError, path: &std::path::Path) -> ConfigError {
+    let expected = if SECRET_VARIABLES.contains(&e.variable.as_str()) {
+        format!("a file holding {}", e.expected)
+    } else {
+        format!("a file holding {} (it holds {:?})", e.expected, e.value)
+    };
+    ConfigError {
+        variable: format!("{}{FILE_SUFFIX}", e.variable),
+        value: path.display().to_string(),
+        expected,
+        origin: None,
+    }
+}
+
+/// Parses every value of `values` (one per [`VARIABLES`] entry, from
+/// whichever layer or file it came).
+fn parse_values(
+    values: &std::collections::HashMap<&'static str, String>,
+) -> Result<Config, ConfigError> {
+    {
         let get = |name: &'static str| -> String {
             values
                 .get(name)
@@ -488,6 +532,16 @@ impl Config {
                 "REDIS_URL",
                 &redis_url,
                 "a redis://host:port/db or rediss://host:port/db URL",
+            ));
+        }
+        // redis-rs reads a `#insecure` fragment as "do not verify the
+        // certificate": one switch per service, the variable, which is
+        // warned at start; the fragment would turn verification off unseen.
+        if insecure_fragment(&redis_url) {
+            return Err(err(
+                "REDIS_URL",
+                &redis_url,
+                "a rediss:// URL without #insecure (to skip verification set REDIS_TLS_INSECURE=true, which is warned at start)",
             ));
         }
         let rabbitmq_url = non_empty("RABBITMQ_URL")?;
@@ -584,7 +638,7 @@ impl Config {
         } else if key_raw.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
             Some(ApiKey {
                 value: key_raw,
-                file: files.get("ELASTICSEARCH_API_KEY").cloned(),
+                file: None,
             })
         } else {
             return Err(err(
@@ -628,6 +682,75 @@ impl Config {
             tls,
             elasticsearch_api_key,
         })
+    }
+}
+
+/// Whether redis-rs would connect to `url` without verifying the
+/// server's certificate (a `rediss://` URL ending in `#insecure`).
+fn insecure_fragment(url: &str) -> bool {
+    redis::IntoConnectionInfo::into_connection_info(url).is_ok_and(|info| {
+        matches!(
+            info.addr(),
+            redis::ConnectionAddr::TcpTls { insecure: true, .. }
+        )
+    })
+}
+
+impl Config {
+    /// The warnings to log at start about the TLS variables of `services`
+    /// (those a subcommand connects to): `<S>_TLS_INSECURE=true` on a TLS
+    /// connection turns verification off; TLS variables set for a plain
+    /// connection (`amqp://`, `redis://`, `http://`, no search server,
+    /// `DATABASE_SSL_MODE=disabled`) have no effect.
+    pub fn tls_warnings(&self, services: &[Service]) -> Vec<String> {
+        let mut out = Vec::new();
+        for &service in services {
+            let s = self.tls.of(service);
+            let p = service.prefix();
+            let plain = match service {
+                Service::Rabbitmq => (!self.rabbitmq_url.starts_with("amqps://"))
+                    .then(|| "RABBITMQ_URL is amqp:// (plain)".to_string()),
+                Service::Mysql => (self.database_ssl_mode == SslMode::Disabled)
+                    .then(|| "DATABASE_SSL_MODE=disabled (plain)".to_string()),
+                Service::Redis => (!self.redis_url.starts_with("rediss://"))
+                    .then(|| "REDIS_URL is redis:// (plain)".to_string()),
+                Service::Elasticsearch => match self.elasticsearch_url.as_deref() {
+                    None => Some("ELASTICSEARCH_URL is empty (indexing disabled)".to_string()),
+                    Some(u) if !u.starts_with("https://") => {
+                        Some("ELASTICSEARCH_URL is http:// (plain)".to_string())
+                    }
+                    Some(_) => None,
+                },
+            };
+            match plain {
+                Some(why) => {
+                    let mut set = Vec::new();
+                    if s.ca.is_some() {
+                        set.push(format!("{p}_TLS_CA_FILE"));
+                    }
+                    if s.identity.is_some() {
+                        set.push(format!("{p}_TLS_CERT_FILE"));
+                        set.push(format!("{p}_TLS_KEY_FILE"));
+                    }
+                    if s.insecure {
+                        set.push(format!("{p}_TLS_INSECURE"));
+                    }
+                    if !set.is_empty() {
+                        out.push(format!(
+                            "{} set, but {why}: no effect, the connection to {} does not use TLS",
+                            set.join(", "),
+                            service.name()
+                        ));
+                    }
+                }
+                None if s.insecure => out.push(format!(
+                    "{p}_TLS_INSECURE=true: the certificate of {} is NOT verified; anyone on the path can read and change the traffic (for test rigs only)",
+                    service.name()
+                )),
+                None => {}
+            }
+        }
+        out
     }
 }
 
@@ -681,7 +804,14 @@ const TLS: bool = cfg!(feature = "tls");
 pub const FILE_SUFFIX: &str = "_FILE";
 
 /// The largest `NAME_FILE` read (a value, a key or an API key, not a bundle).
-const MAX_VALUE_FILE: u64 = 1 << 20;
+pub const MAX_VALUE_FILE: u64 = 1 << 20;
+
+/// The largest `<S>_TLS_CA_FILE` read: a CA bundle (a whole system bundle
+/// is about 220 KiB).
+pub const MAX_CA_FILE: u64 = 4 << 20;
+
+/// The largest `<S>_TLS_CERT_FILE` or `<S>_TLS_KEY_FILE` read.
+pub const MAX_CERT_FILE: u64 = 1 << 20;
 
 /// A build without the `tls` feature refuses TLS at start rather than
 /// failing on every connection attempt.
@@ -695,16 +825,14 @@ const NO_TLS_MYSQL: &str =
 /// The value held by the file `path` named by `file_var` (`NAME_FILE`),
 /// one trailing newline (`\n` or `\r\n`) dropped.
 ///
-/// Errors: the file cannot be read, is over 1 MiB or is not UTF-8; the
-/// error names `file_var` and the path.
+/// Errors: the file cannot be read, holds over 1 MiB (whatever the file,
+/// see [`read_capped`]) or is not UTF-8; the error names `file_var` and
+/// the path.
 fn read_value_file(file_var: &str, path: &str) -> Result<String, ConfigError> {
-    let bad = |why: String| err(file_var, path, &format!("a readable file ({why})"));
-    let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
-    if meta.len() > MAX_VALUE_FILE {
-        return Err(bad(format!("{} bytes, over 1 MiB", meta.len())));
-    }
-    let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
-    let mut text = String::from_utf8(bytes).map_err(|_| bad("not UTF-8".into()))?;
+    let bytes = read_capped(std::path::Path::new(path), MAX_VALUE_FILE)
+        .map_err(|why| err(file_var, path, &format!("a readable file ({why})")))?;
+    let mut text =
+        String::from_utf8(bytes).map_err(|_| err(file_var, path, "a readable file (not UTF-8)"))?;
     if text.ends_with('\n') {
         text.pop();
         if text.ends_with('\r') {
@@ -714,10 +842,44 @@ fn read_value_file(file_var: &str, path: &str) -> Result<String, ConfigError> {
     Ok(text)
 }
 
-/// A PEM file named by `variable`, read whole. Errors name the variable
-/// and the file.
-fn read_pem(variable: &str, path: &str) -> Result<tls::PemFile, ConfigError> {
-    let pem = std::fs::read(path)
+/// The bytes of the file at `path`, at most `cap` of them: a regular file
+/// larger than `cap` is refused by its size, and any other file (a device
+/// such as `/dev/zero`, a pipe) is read no further than `cap + 1` bytes.
+///
+/// Errors, in words: the file cannot be read, or holds more than `cap`
+/// bytes (`"over 1 MiB"`).
+pub fn read_capped(path: &std::path::Path, cap: u64) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let over = |size: Option<u64>| {
+        let limit = if cap % (1 << 20) == 0 {
+            format!("{} MiB", cap >> 20)
+        } else {
+            format!("{cap} bytes")
+        };
+        match size {
+            Some(n) => format!("{n} bytes, over {limit}"),
+            None => format!("over {limit}"),
+        }
+    };
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let meta = file.metadata().map_err(|e| e.to_string())?;
+    if meta.is_file() && meta.len() > cap {
+        return Err(over(Some(meta.len())));
+    }
+    let mut bytes = Vec::new();
+    file.take(cap + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| e.to_string())?;
+    if bytes.len() as u64 > cap {
+        return Err(over(None));
+    }
+    Ok(bytes)
+}
+
+/// A PEM file named by `variable`, read whole (at most `cap` bytes).
+/// Errors name the variable and the file.
+fn read_pem(variable: &str, path: &str, cap: u64) -> Result<tls::PemFile, ConfigError> {
+    let pem = read_capped(std::path::Path::new(path), cap)
         .map_err(|e| err(variable, path, &format!("a readable PEM file ({e})")))?;
     Ok(tls::PemFile {
         path: path.into(),
@@ -791,7 +953,7 @@ fn tls_settings(
         ..tls::Settings::default()
     };
     if !ca.is_empty() {
-        let file = read_pem(ca_var, &ca)?;
+        let file = read_pem(ca_var, &ca, MAX_CA_FILE)?;
         check(ca_var, &ca, tls_check_certificates(&file))?;
         settings.ca = Some(file);
     }
@@ -800,7 +962,10 @@ fn tls_settings(
         (false, true) => return Err(err(key_var, "", &format!("set together with {cert_var}"))),
         (true, false) => return Err(err(cert_var, "", &format!("set together with {key_var}"))),
         (false, false) => {
-            let (c, k) = (read_pem(cert_var, &cert)?, read_pem(key_var, &key)?);
+            let (c, k) = (
+                read_pem(cert_var, &cert, MAX_CERT_FILE)?,
+                read_pem(key_var, &key, MAX_CERT_FILE)?,
+            );
             check(cert_var, &cert, tls_check_certificates(&c))?;
             check(key_var, &key, tls_check_key(&k))?;
             settings.identity = Some((c, k));
@@ -1094,9 +1259,13 @@ mod tests {
         std::fs::write(&two, "k\n\n").unwrap();
         let c = cfg(&[("ELASTICSEARCH_API_KEY_FILE", two.to_str().unwrap())]);
         assert_eq!(
-            c.unwrap_err().variable,
-            "ELASTICSEARCH_API_KEY",
-            "only one newline dropped"
+            c.unwrap_err().to_string(),
+            format!(
+                "invalid configuration: ELASTICSEARCH_API_KEY_FILE={:?}: expected a file \
+                 holding printable ASCII (the encoded key Elasticsearch hands out)",
+                two.to_str().unwrap()
+            ),
+            "only one newline dropped; the file is named, its secret is not shown"
         );
         let key = d.join("key");
         std::fs::write(&key, "a2V5OnNlY3JldA==").unwrap();
@@ -1125,6 +1294,152 @@ mod tests {
         assert!(e.to_string().contains(missing.to_str().unwrap()), "{e}");
         assert!(e.to_string().contains("No such file"), "{e}");
         std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// A value read from `NAME_FILE` that does not parse names
+    /// `NAME_FILE` and the file, whichever layer set `NAME_FILE`, and never
+    /// a `NAME` of the --env-file that was not used.
+    #[test]
+    fn a_bad_value_from_a_file_names_the_file() {
+        let d = scratch("badvalue");
+        let port = d.join("port");
+        std::fs::write(&port, "99999\n").unwrap();
+        let port = port.to_str().unwrap().to_string();
+        let want = format!(
+            "invalid configuration: DATABASE_PORT_FILE={port:?}: expected a file holding \
+             an integer from 1 to 65535 (it holds \"99999\")"
+        );
+        let e = cfg(&[("DATABASE_PORT_FILE", &port)]).unwrap_err();
+        assert_eq!(e.to_string(), want);
+        assert_eq!(e.variable, "DATABASE_PORT_FILE");
+        // NAME_FILE in the environment, NAME in the --env-file (unused).
+        let e = layered(&[("DATABASE_PORT_FILE", &port)], "DATABASE_PORT=1\n").unwrap_err();
+        assert_eq!(e.to_string(), want);
+        // NAME_FILE in the --env-file: its line.
+        let e = layered(&[], &format!("# x\nDATABASE_PORT_FILE={port}\n")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("{want} (from --env-file /etc/cw.env line 2)")
+        );
+        // A URL's password stays hidden.
+        let url = d.join("url");
+        std::fs::write(&url, "ftp://elastic:secretpw@es:9200").unwrap();
+        let e = cfg(&[("ELASTICSEARCH_URL_FILE", url.to_str().unwrap())]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "invalid configuration: ELASTICSEARCH_URL_FILE={:?}: expected a file holding \
+                 an http:// or https:// URL with a host, or empty (it holds \"ftp://elastic:***@es:9200\")",
+                url.to_str().unwrap()
+            )
+        );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// Files are read up to their cap, devices and pipes included.
+    #[test]
+    fn files_are_read_up_to_a_cap() {
+        for dev in ["/dev/zero", "/dev/urandom"] {
+            let e = cfg(&[("DATABASE_PASSWORD_FILE", dev)]).unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                format!(
+                    "invalid configuration: DATABASE_PASSWORD_FILE={dev:?}: expected a readable file (over 1 MiB)"
+                )
+            );
+        }
+        let d = scratch("cap");
+        let big = d.join("big");
+        std::fs::write(&big, vec![b'a'; (1 << 20) + 1]).unwrap();
+        let e = cfg(&[("DATABASE_NAME_FILE", big.to_str().unwrap())]).unwrap_err();
+        assert_eq!(e.variable, "DATABASE_NAME_FILE");
+        assert!(e.to_string().contains("1048577 bytes, over 1 MiB"), "{e}");
+        assert_eq!(
+            read_capped(&big, 1 << 20).unwrap_err(),
+            "1048577 bytes, over 1 MiB"
+        );
+        assert_eq!(read_capped(&big, 2 << 20).unwrap().len(), (1 << 20) + 1);
+        std::fs::remove_dir_all(&d).unwrap();
+        if !TLS {
+            return;
+        }
+        for (var, cap) in [
+            ("REDIS_TLS_CA_FILE", "4 MiB"),
+            ("RABBITMQ_TLS_CA_FILE", "4 MiB"),
+        ] {
+            let e = cfg(&[(var, "/dev/zero")]).unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                format!(
+                    "invalid configuration: {var}=\"/dev/zero\": expected a readable PEM file (over {cap})"
+                )
+            );
+        }
+        let e = cfg(&[
+            ("DATABASE_TLS_CERT_FILE", "/dev/urandom"),
+            ("DATABASE_TLS_KEY_FILE", "/dev/zero"),
+        ])
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid configuration: DATABASE_TLS_CERT_FILE=\"/dev/urandom\": expected a readable PEM file (over 1 MiB)"
+        );
+    }
+
+    /// redis-rs's `#insecure` fragment is refused: REDIS_TLS_INSECURE is
+    /// the one switch, and it is warned at start.
+    #[test]
+    fn the_insecure_fragment_of_redis_urls_is_refused() {
+        if !TLS {
+            return;
+        }
+        let e = cfg(&[("REDIS_URL", "rediss://:pw@cache:6380/0#insecure")]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid configuration: REDIS_URL=\"rediss://:***@cache:6380/0#insecure\": expected a \
+             rediss:// URL without #insecure (to skip verification set REDIS_TLS_INSECURE=true, \
+             which is warned at start)"
+        );
+        assert!(cfg(&[("REDIS_URL", "rediss://cache:6380/0")]).is_ok());
+    }
+
+    #[test]
+    fn tls_warnings_name_insecure_and_useless_variables() {
+        assert_eq!(
+            cfg(&[]).unwrap().tls_warnings(&Service::ALL),
+            Vec::<String>::new()
+        );
+        if !TLS {
+            return;
+        }
+        let c = cfg(&[
+            ("RABBITMQ_TLS_INSECURE", "true"),
+            ("DATABASE_SSL_MODE", "disabled"),
+            ("DATABASE_TLS_INSECURE", "true"),
+            ("REDIS_URL", "rediss://cache:6380/0"),
+            ("REDIS_TLS_INSECURE", "true"),
+            ("ELASTICSEARCH_URL", ""),
+            ("ELASTICSEARCH_TLS_INSECURE", "yes"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.tls_warnings(&Service::ALL),
+            [
+                "RABBITMQ_TLS_INSECURE set, but RABBITMQ_URL is amqp:// (plain): no effect, the connection to rabbitmq does not use TLS",
+                "DATABASE_TLS_INSECURE set, but DATABASE_SSL_MODE=disabled (plain): no effect, the connection to mysql does not use TLS",
+                "REDIS_TLS_INSECURE=true: the certificate of redis is NOT verified; anyone on the path can read and change the traffic (for test rigs only)",
+                "ELASTICSEARCH_TLS_INSECURE set, but ELASTICSEARCH_URL is empty (indexing disabled): no effect, the connection to elasticsearch does not use TLS",
+            ]
+        );
+        assert_eq!(
+            c.tls_warnings(&[Service::Redis]),
+            [c.tls_warnings(&Service::ALL)[2].clone()]
+        );
+        let c = cfg(&[("DATABASE_TLS_INSECURE", "true")]).unwrap();
+        assert_eq!(
+            c.tls_warnings(&[Service::Mysql]),
+            ["DATABASE_TLS_INSECURE=true: the certificate of mysql is NOT verified; anyone on the path can read and change the traffic (for test rigs only)"]
+        );
     }
 
     #[test]

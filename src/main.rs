@@ -6,6 +6,7 @@
 
 use chat_writer::config::{Config, VARIABLES};
 use chat_writer::env_file::EnvFile;
+use chat_writer::tls::Service;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -120,6 +121,14 @@ fn mysql_error(e: &mysql_async::Error) -> String {
     }
 }
 
+/// Logs the start-up warnings about the TLS variables of the services a
+/// subcommand connects to ([`Config::tls_warnings`]).
+fn warn_tls(cfg: &Config, services: &[Service]) {
+    for warning in cfg.tls_warnings(services) {
+        log::warn!("{warning}");
+    }
+}
+
 fn init_logging(level: log::LevelFilter) {
     let _ = simple_logger::SimpleLogger::new()
         .with_level(log::LevelFilter::Warn)
@@ -171,6 +180,7 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             init_logging(cfg.log_level);
+            warn_tls(&cfg, &[Service::Mysql]);
             match smol::block_on(chat_writer::mysql::migrate(&cfg)) {
                 Ok(()) => {
                     log::info!(
@@ -220,6 +230,7 @@ fn main() -> ExitCode {
                 eprintln!("chat-writer reindex: ELASTICSEARCH_URL is empty, indexing is disabled");
                 return ExitCode::from(2);
             };
+            warn_tls(&cfg, &[Service::Mysql, Service::Elasticsearch]);
             let store = chat_writer::mysql::Store::new(&cfg);
             let result = smol::block_on(async {
                 let r = chat_writer::elasticsearch::backfill::reindex(&store, &client).await;
@@ -257,6 +268,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            warn_tls(&cfg, &[Service::Rabbitmq]);
             let url = cfg.rabbitmq_url.clone();
             let result = smol::block_on(async {
                 if *action == "show" {

@@ -76,14 +76,8 @@ async fn serve(ex: &LocalExecutor<'_>, cfg: Config, signals: Signals) -> i32 {
         cfg.elasticsearch_index,
         cfg.prefetch
     );
-    for service in crate::tls::Service::ALL {
-        if cfg.tls.of(service).insecure {
-            log::warn!(
-                "{}_TLS_INSECURE=true: the certificate of {} is NOT verified; anyone on the path can read and change the traffic (for test rigs only)",
-                service.prefix(),
-                service.name()
-            );
-        }
+    for warning in cfg.tls_warnings(&crate::tls::Service::ALL) {
+        log::warn!("{warning}");
     }
     let _http = match cfg.http_addr {
         None => None,

@@ -1207,6 +1207,147 @@ fn lines_with(log: &str, what: &str) -> Vec<String> {
         .collect()
 }
 
+/// redis-rs reads `rediss://…#insecure` as "do not verify the certificate"
+/// (its own verifier, which also skips the handshake signatures). The
+/// writer refuses it at start, for the service and the subcommands, and
+/// points to REDIS_TLS_INSECURE, the switch that is warned about.
+#[test]
+fn redis_insecure_fragment_is_refused_at_start() {
+    let env = TestEnv::new("tls_redis_fragment");
+    let port = free_port();
+    let url = format!("rediss://:secretpw@127.0.0.1:{port}/0#insecure");
+    let vars = Vars::new(&env).set("REDIS_URL", url);
+    for args in [&[][..], &["migrate"][..]] {
+        let mut w = env.spawn_vars(args, &vars.0);
+        let exit = w.wait_exit(Duration::from_secs(15));
+        assert_eq!(exit.code, Some(2), "{args:?}: {}", w.log());
+        assert_eq!(
+            w.log(),
+            format!(
+                "chat-writer: invalid configuration: REDIS_URL=\"rediss://:***@127.0.0.1:{port}/0#insecure\": \
+                 expected a rediss:// URL without #insecure (to skip verification set \
+                 REDIS_TLS_INSECURE=true, which is warned at start)\n"
+            ),
+            "{args:?}"
+        );
+    }
+}
+
+/// The WARN lines of `log` that name a `_TLS_` variable, without their
+/// timestamp and level.
+fn tls_warnings(log: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| l.contains("WARN") && l.contains("_TLS_"))
+        .map(|l| l[l.find("] ").map_or(0, |i| i + 2)..].to_string())
+        .collect()
+}
+
+/// `<S>_TLS_INSECURE=true` is warned by every command that connects to the
+/// service (`migrate`, `reindex`, `dlq`, as the service itself), and TLS
+/// variables set for a plain connection are said to have no effect rather
+/// than to turn verification off.
+#[test]
+fn tls_variables_are_warned_by_subcommands_and_on_plain_connections() {
+    let env = TestEnv::new("tls_warnings");
+    let pki = Pki::new();
+    let ca = pki.ca_file();
+    let not_verified = |prefix: &str, name: &str| {
+        format!(
+            "{prefix}_TLS_INSECURE=true: the certificate of {name} is NOT verified; anyone on the path can read and change the traffic (for test rigs only)"
+        )
+    };
+    smol::block_on(async {
+        // The service, every connection plain.
+        let vars = Vars::new(&env)
+            .set("RABBITMQ_TLS_INSECURE", "true")
+            .set("DATABASE_SSL_MODE", "disabled")
+            .set("DATABASE_TLS_INSECURE", "true")
+            .set("REDIS_TLS_CA_FILE", path(&ca))
+            .client_cert("ELASTICSEARCH", &pki.client);
+        let mut m = env.spawn_vars(&["migrate"], &vars.0);
+        assert_eq!(m.wait_exit(Duration::from_secs(60)).code, Some(0));
+        assert_eq!(
+            tls_warnings(&m.log()),
+            ["DATABASE_TLS_INSECURE set, but DATABASE_SSL_MODE=disabled (plain): no effect, the connection to mysql does not use TLS"]
+        );
+        let mut w = env.spawn_vars(&[], &vars.0);
+        env.wait_consuming(&mut w).await;
+        w.stop();
+        assert_eq!(
+            tls_warnings(&w.log()),
+            [
+                "RABBITMQ_TLS_INSECURE set, but RABBITMQ_URL is amqp:// (plain): no effect, the connection to rabbitmq does not use TLS",
+                "DATABASE_TLS_INSECURE set, but DATABASE_SSL_MODE=disabled (plain): no effect, the connection to mysql does not use TLS",
+                "REDIS_TLS_CA_FILE set, but REDIS_URL is redis:// (plain): no effect, the connection to redis does not use TLS",
+                "ELASTICSEARCH_TLS_CERT_FILE, ELASTICSEARCH_TLS_KEY_FILE set, but ELASTICSEARCH_URL is http:// (plain): no effect, the connection to elasticsearch does not use TLS",
+            ]
+        );
+
+        // migrate over TLS without verification; REDIS_TLS_INSECURE is not
+        // its business.
+        let mysql = &shared().mysql;
+        let db = TlsDb::new(mysql, &format!("{}_warn", env.db_name));
+        let vars = Vars::new(&env)
+            .mysql(&env, mysql, "verify_identity", &ca)
+            .set("DATABASE_NAME", db.name.clone())
+            .set("DATABASE_TLS_INSECURE", "true")
+            .set("REDIS_TLS_INSECURE", "true");
+        let mut m = env.spawn_vars(&["migrate"], &vars.0);
+        assert_eq!(
+            m.wait_exit(Duration::from_secs(60)).code,
+            Some(0),
+            "{}",
+            m.log()
+        );
+        assert_eq!(tls_warnings(&m.log()), [not_verified("DATABASE", "mysql")]);
+
+        // dlq show through a broker certificate of an unknown CA.
+        let amqps = TlsProxy::start(rabbitmq(), &pki.untrusted);
+        let amqp = env.amqp().await;
+        amqp.declare_work_queues().await;
+        let vars = Vars::new(&env)
+            .amqps(&env, &amqps, "127.0.0.1", &ca)
+            .set("RABBITMQ_TLS_INSECURE", "true");
+        let mut d = env.spawn_vars(&["dlq", "show", "create_messages"], &vars.0);
+        assert_eq!(
+            d.wait_exit(Duration::from_secs(30)).code,
+            Some(0),
+            "{}",
+            d.log()
+        );
+        assert_eq!(
+            tls_warnings(&d.log()),
+            [not_verified("RABBITMQ", "rabbitmq")]
+        );
+        assert!(amqps.handshakes() >= 1);
+
+        // reindex through a search-server certificate of an unknown CA.
+        env.migrate_and_seed().await;
+        let es = TlsProxy::start_http(
+            es_upstream(&env.es_url),
+            &pki.untrusted,
+            EsAuth::api_key("k-3"),
+        );
+        let vars = Vars::new(&env)
+            .https(&es, &ca)
+            .set("ELASTICSEARCH_API_KEY", "k-3")
+            .set("ELASTICSEARCH_TLS_INSECURE", "true");
+        let mut r = env.spawn_vars(&["reindex"], &vars.0);
+        assert_eq!(
+            r.wait_exit(Duration::from_secs(60)).code,
+            Some(0),
+            "{}",
+            r.log()
+        );
+        assert_eq!(
+            tls_warnings(&r.log()),
+            [not_verified("ELASTICSEARCH", "elasticsearch")]
+        );
+        assert!(es.requests().0 >= 1);
+        amqp.close().await;
+    });
+}
+
 /// `migrate` against a MySQL host that accepts the connection and never
 /// answers (as a blackholed address behind a middlebox does) gives up
 /// after the connect timeout, naming mysql and the host.
@@ -1261,4 +1402,73 @@ fn preferred_falls_back_to_plain_with_one_warning() {
         );
         amqp.close().await;
     });
+}
+
+/// A value read from NAME_FILE that does not parse names NAME_FILE and
+/// the file, not NAME (which the --env-file also sets, unused).
+#[test]
+fn a_bad_value_read_from_name_file_names_the_file() {
+    let env = TestEnv::new("tls_bad_value_file");
+    let pki = Pki::new();
+    let port_file = pki.file("port", "99999\n");
+    let env_file = pki.file("writer.env", "DATABASE_PORT=3306\n");
+    let vars = Vars::new(&env)
+        .unset("DATABASE_PORT")
+        .set("DATABASE_PORT_FILE", path(&port_file));
+    let env_arg = path(&env_file);
+    let mut w = Writer::spawn(
+        &["--env-file", &env_arg, "migrate"],
+        &vars.0,
+        &pki.dir.join("migrate.log"),
+    );
+    let exit = w.wait_exit(Duration::from_secs(15));
+    assert_eq!(exit.code, Some(2), "{}", w.log());
+    assert_eq!(
+        w.log(),
+        format!(
+            "chat-writer: invalid configuration: DATABASE_PORT_FILE={:?}: expected a file holding \
+             an integer from 1 to 65535 (it holds \"99999\")\n",
+            path(&port_file)
+        )
+    );
+}
+
+/// NAME_FILE and the TLS files are read up to a cap whatever they are: a
+/// device that never ends is refused at once (exit 2, naming the variable
+/// and the file) instead of read without limit.
+#[test]
+fn value_and_tls_files_are_read_up_to_a_cap() {
+    let env = TestEnv::new("tls_file_caps");
+    let pki = Pki::new();
+    let cases: [(Vec<(&str, String)>, String); 3] = [
+        (
+            vec![("DATABASE_PASSWORD_FILE", "/dev/zero".into())],
+            "DATABASE_PASSWORD_FILE=\"/dev/zero\": expected a readable file (over 1 MiB)".into(),
+        ),
+        (
+            vec![("REDIS_TLS_CA_FILE", "/dev/urandom".into())],
+            "REDIS_TLS_CA_FILE=\"/dev/urandom\": expected a readable PEM file (over 4 MiB)".into(),
+        ),
+        (
+            vec![
+                ("RABBITMQ_TLS_CERT_FILE", path(&pki.client.cert)),
+                ("RABBITMQ_TLS_KEY_FILE", "/dev/zero".into()),
+            ],
+            "RABBITMQ_TLS_KEY_FILE=\"/dev/zero\": expected a readable PEM file (over 1 MiB)".into(),
+        ),
+    ];
+    for (set, want) in cases {
+        let mut vars = Vars::new(&env).unset("DATABASE_PASSWORD");
+        for (k, v) in &set {
+            vars = vars.set(k, v.clone());
+        }
+        let mut w = env.spawn_vars(&[], &vars.0);
+        let exit = w.wait_exit(Duration::from_secs(15));
+        assert_eq!(exit.code, Some(2), "{set:?}: {}", w.log());
+        assert_eq!(
+            w.log(),
+            format!("chat-writer: invalid configuration: {want}\n"),
+            "{set:?}"
+        );
+    }
 }

@@ -245,14 +245,17 @@ mod with_tls {
         Ok(Arc::new(config))
     }
 
+    /// The public roots as whole certificates (DER), as the binary carries
+    /// them: borrowing them copies nothing.
+    pub fn public_root_certificates() -> &'static [CertificateDer<'static>] {
+        webpki_root_certs::TLS_SERVER_ROOT_CERTS
+    }
+
     /// The public roots as whole certificates plus those of `ca`, for the
     /// libraries that take a list of certificates instead of adding to
-    /// their roots (ureq).
+    /// their roots (redis-rs, ureq). The public ones are borrowed.
     pub fn root_certificates(ca: &PemFile) -> Result<Vec<CertificateDer<'static>>, String> {
-        let mut all: Vec<CertificateDer<'static>> = webpki_root_certs::TLS_SERVER_ROOT_CERTS
-            .iter()
-            .map(|c| c.clone().into_owned())
-            .collect();
+        let mut all = public_root_certificates().to_vec();
         all.extend(certificates(&ca.pem)?);
         Ok(all)
     }

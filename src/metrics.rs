@@ -179,6 +179,11 @@ pub struct Metrics {
     /// The last failure of each dependency, until it works again: its text
     /// and whether it is a refusal (TLS or credentials).
     failures: std::sync::Mutex<Vec<(Dependency, Failure)>>,
+    /// Why the search server last refused the indexer's `_bulk` (401 or
+    /// 403, on the request or on its items), until a `_bulk` is answered
+    /// without one. Kept apart from the probe's failure: a key may read
+    /// (the probe passes) and still not write.
+    bulk_refusal: std::sync::Mutex<Option<String>>,
 }
 
 /// Why a dependency failed last.
@@ -224,6 +229,7 @@ impl Metrics {
             index_oldest_in_hand_us: AtomicI64::new(0),
             shutting_down: std::sync::atomic::AtomicBool::new(false),
             failures: std::sync::Mutex::new(Vec::new()),
+            bulk_refusal: std::sync::Mutex::new(None),
             registry: Registry::default(),
         };
         let build: Family<BuildLabels, Gauge> = Family::default();
@@ -454,6 +460,23 @@ impl Metrics {
         }
     }
 
+    /// Records why the search server refused a `_bulk` (`Some`, a 401 or
+    /// 403 with its reason), or that it took one (`None`). Returns true
+    /// when this changes what was recorded.
+    pub fn set_bulk_refusal(&self, refusal: Option<String>) -> bool {
+        let Ok(mut r) = self.bulk_refusal.lock() else {
+            return false;
+        };
+        let changed = *r != refusal;
+        *r = refusal;
+        changed
+    }
+
+    /// Why the search server refuses the indexer's `_bulk`, if it does.
+    pub fn bulk_refusal(&self) -> Option<String> {
+        self.bulk_refusal.lock().ok()?.clone()
+    }
+
     /// The last failure of `dependency` since it last worked.
     pub fn failure(&self, dependency: Dependency) -> Option<Failure> {
         let all = self.failures.lock().ok()?;
@@ -515,6 +538,9 @@ pub fn readiness() -> Result<(), String> {
         if let Some(f) = m.failure(d).filter(|f| f.refused) {
             return Err(format!("{}: {}", dependency_name(d), f.text));
         }
+    }
+    if let Some(reason) = m.bulk_refusal() {
+        return Err(format!("elasticsearch: {reason}"));
     }
     Ok(())
 }
@@ -594,6 +620,13 @@ mod tests {
             err("elasticsearch: 401 security_exception: missing credentials")
         );
         m.set_failure(Dependency::elasticsearch, None);
+        assert_eq!(readiness(), Ok(()));
+        // A key that reads (the probe passes) but may not write.
+        let item = "403 security_exception: action [indices:data/write/bulk[s]] is unauthorized";
+        assert!(m.set_bulk_refusal(Some(item.into())));
+        assert!(!m.set_bulk_refusal(Some(item.into())), "unchanged");
+        assert_eq!(readiness(), err(&format!("elasticsearch: {item}")));
+        assert!(m.set_bulk_refusal(None));
         assert_eq!(readiness(), Ok(()));
         m.set_shutting_down();
         assert_eq!(readiness(), err("shutting down"));

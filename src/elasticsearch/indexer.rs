@@ -117,9 +117,10 @@ pub async fn bulk_until_settled(
         let mut again = Vec::new();
         let mut index_missing = false;
         let mut transient = None;
+        note_refusal(&verdict);
         match verdict {
             BulkVerdict::AllDone => {}
-            BulkVerdict::RetryAll(reason) => {
+            BulkVerdict::RetryAll(reason) | BulkVerdict::Refused(reason) => {
                 transient = Some(reason);
                 again = sent;
             }
@@ -147,7 +148,7 @@ pub async fn bulk_until_settled(
                 for (i, v) in sent.into_iter().zip(verdicts) {
                     match v {
                         ItemVerdict::Done => {}
-                        ItemVerdict::Retry(reason) => {
+                        ItemVerdict::Retry(reason) | ItemVerdict::Refused(reason) => {
                             transient.get_or_insert(reason);
                             again.push(i);
                         }
@@ -188,6 +189,33 @@ pub async fn bulk_until_settled(
         }
     }
     Some(settled)
+}
+
+/// Records what a `_bulk` answer says about the writer's credentials, as
+/// the probe does for its own requests: a 401 or 403 (on the request or on
+/// an item) is kept for `/readyz` and logged once per change of reason
+/// (not again when the probe has just logged the same reason); an answer
+/// without one ends it. A transport failure says nothing either way.
+fn note_refusal(verdict: &BulkVerdict) {
+    let m = metrics::get();
+    match verdict.refusal() {
+        Some(reason) => {
+            let probe_said = m
+                .failure(Dependency::elasticsearch)
+                .is_some_and(|f| f.text == reason);
+            if m.set_bulk_refusal(Some(reason.to_string())) && !probe_said {
+                log::error!(
+                    "elasticsearch: {reason}; documents wait in the index queue until this is fixed"
+                );
+            }
+        }
+        None if matches!(verdict, BulkVerdict::RetryAll(_)) => {}
+        None => {
+            if m.set_bulk_refusal(None) {
+                log::info!("elasticsearch: _bulk accepted again");
+            }
+        }
+    }
 }
 
 /// How often the index queue's depth is read for the metrics while busy.

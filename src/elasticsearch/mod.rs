@@ -65,9 +65,9 @@ pub struct Client {
     auth: Arc<Auth>,
 }
 
-/// The `Authorization: ApiKey` header value, and the file to read it from
-/// again after a 401 or 403 (ELASTICSEARCH_API_KEY_FILE). Credentials in
-/// the base URL's user info are sent as Basic by ureq itself.
+/// The `Authorization` header value: `ApiKey <key>`, with the file to read
+/// it from again after a 401 or 403 (ELASTICSEARCH_API_KEY_FILE), or
+/// `Basic <base64(user:password)>` from the base URL's user info.
 struct Auth {
     header: std::sync::Mutex<Option<String>>,
     file: Option<std::path::PathBuf>,
@@ -82,7 +82,9 @@ impl Auth {
     /// changed (a rotated secret). Blocking; runs on the blocking pool.
     fn reload(&self) {
         let Some(file) = &self.file else { return };
-        let key = match std::fs::read_to_string(file) {
+        let read = crate::config::read_capped(file, crate::config::MAX_VALUE_FILE)
+            .and_then(|b| String::from_utf8(b).map_err(|_| "not UTF-8".to_string()));
+        let key = match read {
             Ok(text) => text
                 .strip_suffix('\n')
                 .unwrap_or(&text)
@@ -192,12 +194,20 @@ impl Client {
         api_key: Option<&crate::config::ApiKey>,
         timeout: Duration,
     ) -> Client {
+        // User info is taken off the URL and sent as Basic by the client
+        // itself, percent-decoded (ureq would encode `p%40ss` as it is);
+        // an API key, when set, is sent instead.
+        let (base, basic) = split_user_info(base);
+        let header = match api_key {
+            Some(k) => Some(format!("ApiKey {}", k.value)),
+            None => basic,
+        };
         Client {
             agent: agent(tls, timeout),
             base: base.into(),
             index: index.into(),
             auth: Arc::new(Auth {
-                header: std::sync::Mutex::new(api_key.map(|k| format!("ApiKey {}", k.value))),
+                header: std::sync::Mutex::new(header),
                 file: api_key.and_then(|k| k.file.clone()),
             }),
         }
@@ -486,17 +496,88 @@ impl Client {
                 }
                 Ok(mut resp) => {
                     let status = resp.status().as_u16();
-                    this.refused(status);
                     match resp.body_mut().with_config().limit(256 << 20).read_to_vec() {
                         Ok(text) => retry::classify(status, &text, docs),
-                        Err(e) => BulkVerdict::RetryAll(format!("reading bulk response: {e}")),
+                        Err(e) => {
+                            this.refused(status);
+                            BulkVerdict::RetryAll(format!("reading bulk response: {e}"))
+                        }
                     }
                 }
             };
+            // A 401 or 403, for the request or for one of its items: the
+            // key file is read again.
+            if verdict.refusal().is_some() {
+                this.auth.reload();
+            }
             (body, verdict)
         })
         .await
     }
+}
+
+/// `base` without the `user:password@` of its authority, and the
+/// `Basic` header value for them, user and password percent-decoded
+/// (`None` without user info).
+fn split_user_info(base: &str) -> (String, Option<String>) {
+    let start = base.find("://").map_or(0, |i| i + 3);
+    let rest = &base[start..];
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    let Some(at) = authority.rfind('@') else {
+        return (base.to_string(), None);
+    };
+    let info = &authority[..at];
+    let (user, password) = info.split_once(':').unwrap_or((info, ""));
+    let mut credentials = percent_decode(user);
+    credentials.push(b':');
+    credentials.extend(percent_decode(password));
+    let stripped = format!("{}{}", &base[..start], &rest[at + 1..]);
+    (stripped, Some(format!("Basic {}", base64(&credentials))))
+}
+
+/// `%XX` sequences turned into their bytes; anything else (a `%` not
+/// followed by two hex digits included) kept as it is.
+fn percent_decode(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (
+            b[i],
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+/// Standard base64 with padding (the `Basic` scheme's encoding).
+fn base64(data: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for c in data.chunks(3) {
+        let n = u32::from(c[0]) << 16
+            | u32::from(*c.get(1).unwrap_or(&0)) << 8
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 /// How long a request of the writer's client may take.
@@ -517,4 +598,44 @@ fn answer_line(status: u16, body: &[u8]) -> String {
 
 fn one_line(s: &str) -> String {
     s.replace(['\n', '\r'], " ").chars().take(300).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_info_is_taken_off_and_sent_percent_decoded() {
+        assert_eq!(
+            split_user_info("https://user:p%40ss@es.example:9200"),
+            (
+                "https://es.example:9200".to_string(),
+                Some(format!("Basic {}", base64(b"user:p@ss")))
+            )
+        );
+        assert_eq!(base64(b"user:p@ss"), "dXNlcjpwQHNz");
+        assert_eq!(
+            split_user_info("http://a%3Ab:%2F%zz%4@h/x"),
+            (
+                "http://h/x".to_string(),
+                Some(format!("Basic {}", base64(b"a:b:/%zz%4")))
+            )
+        );
+        assert_eq!(
+            split_user_info("http://only-user@h:9200").1,
+            Some(format!("Basic {}", base64(b"only-user:")))
+        );
+        assert_eq!(
+            split_user_info("http://es:9200"),
+            ("http://es:9200".to_string(), None)
+        );
+        for (raw, b64) in [
+            (&b""[..], ""),
+            (b"f", "Zg=="),
+            (b"fo", "Zm8="),
+            (b"foo", "Zm9v"),
+        ] {
+            assert_eq!(base64(raw), b64);
+        }
+    }
 }

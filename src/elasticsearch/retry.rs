@@ -5,7 +5,8 @@
 //! missing) or answer 200 with `"errors": true` and a status per item. Items
 //! are classified one by one: 2xx done; 409 (an equal or newer version is
 //! already stored, `external_gte`) done; 429 and 5xx retried alone; a missing
-//! index recreated then retried; anything else (400 mapping error, …) is
+//! index recreated then retried; 401 and 403 (the writer's credentials)
+//! retried and reported as refusals; anything else (400 mapping error, …) is
 //! refused for good and dead-lettered rather than retried forever.
 
 use serde::Deserialize;
@@ -17,6 +18,10 @@ pub enum ItemVerdict {
     Done,
     /// Transient (429, 5xx): send this document again after a backoff.
     Retry(String),
+    /// 401 or 403: the writer's credentials or their privileges (an API
+    /// key without `index` on this index), never the document's fault:
+    /// sent again after a backoff, once the key file is read again.
+    Refused(String),
     /// The index does not exist: create it, then send again.
     IndexMissing,
     /// Refused for good (400 and other 4xx): dead-letter with the reason.
@@ -37,6 +42,10 @@ pub enum BulkVerdict {
     IndexMissing,
     /// The request was refused as a whole (400): dead-letter every item.
     RejectAll(String),
+    /// 401 or 403 for the whole request: the writer's credentials, never
+    /// the documents' fault; send it all again after a backoff, once the
+    /// key file is read again.
+    Refused(String),
     /// 413: the request is over the server's size limit; send it in
     /// smaller pieces (a single document that is still too large is refused).
     TooLarge,
@@ -77,10 +86,31 @@ fn item_verdict(status: u16, kind: &str, reason: &str) -> ItemVerdict {
         404 if kind == "index_not_found_exception" => ItemVerdict::IndexMissing,
         // 401/403: the credentials or their privileges (an API key without
         // `index` on this index, a read-only block), never the document's
-        // fault; 429 and 5xx pass.
-        401 | 403 | 429 | 500..=599 => ItemVerdict::Retry(format!("{status} {kind}: {reason}")),
+        // fault.
+        401 | 403 => ItemVerdict::Refused(one_line(&format!("{status} {kind}: {reason}"))),
+        // 429 and 5xx pass.
+        429 | 500..=599 => ItemVerdict::Retry(format!("{status} {kind}: {reason}")),
         _ => ItemVerdict::Reject(format!("{status} {kind}: {reason}").replace(['\n', '\r'], " ")),
     }
+}
+
+impl BulkVerdict {
+    /// The reason of the first 401 or 403 in this answer, for the whole
+    /// request or for one of its items.
+    pub fn refusal(&self) -> Option<&str> {
+        match self {
+            BulkVerdict::Refused(r) => Some(r),
+            BulkVerdict::Items(items) => items.iter().find_map(|i| match i {
+                ItemVerdict::Refused(r) => Some(r.as_str()),
+                _ => None,
+            }),
+            _ => None,
+        }
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.replace(['\n', '\r'], " ")
 }
 
 /// Classifies an HTTP answer to `POST /<index>/_bulk` for `expected` items.
@@ -106,8 +136,13 @@ pub fn classify(status: u16, body: &[u8], expected: usize) -> BulkVerdict {
                 format!("400 {kind}: {reason}").replace(['\n', '\r'], " "),
             );
         }
-        // 401/403 are configuration problems an operator fixes; 429 and 5xx
-        // pass. None of them is the documents' fault: retry.
+        // 401/403 are configuration problems an operator fixes, never the
+        // documents' fault: retry, with the reason the probe would give.
+        401 | 403 => {
+            let (kind, reason) = top_error();
+            return BulkVerdict::Refused(one_line(&format!("{status} {kind}: {reason}")));
+        }
+        // 429 and 5xx pass: retry.
         _ => {
             let (kind, reason) = top_error();
             return BulkVerdict::RetryAll(format!("HTTP {status} {kind}: {reason}"));
@@ -178,13 +213,19 @@ mod tests {
             panic!()
         };
         assert!(
-            matches!(&v[0], ItemVerdict::Retry(r) if r.starts_with("403 security_exception: action [indices:data/write/bulk[s]] is unauthorized")),
+            matches!(&v[0], ItemVerdict::Refused(r) if r.starts_with("403 security_exception: action [indices:data/write/bulk[s]] is unauthorized")),
             "{v:?}"
         );
-        let top = r#"{"error":{"root_cause":[{"type":"security_exception","reason":"unable to authenticate with provided credentials and anonymous access is not allowed for this request","additional_unsuccessful_credentials":"API key: api key [VuaCfGcBCdbkQm-e5aOx] has been invalidated"}],"type":"security_exception","reason":"unable to authenticate with provided credentials and anonymous access is not allowed for this request"},"status":401}"#;
-        assert!(
-            matches!(classify(401, top.as_bytes(), 1), BulkVerdict::RetryAll(r) if r.starts_with("HTTP 401 security_exception: unable to authenticate")),
+        assert_eq!(
+            classify(200, item.as_bytes(), 1).refusal(),
+            Some("403 security_exception: action [indices:data/write/bulk[s]] is unauthorized for API key id [VuaCfGcBCdbkQm-e5aOx] of user [elastic] on indices [messages], this action is granted by the index privileges [create_doc,create,index,write,all]")
         );
+        let top = r#"{"error":{"root_cause":[{"type":"security_exception","reason":"unable to authenticate with provided credentials and anonymous access is not allowed for this request","additional_unsuccessful_credentials":"API key: api key [VuaCfGcBCdbkQm-e5aOx] has been invalidated"}],"type":"security_exception","reason":"unable to authenticate with provided credentials and anonymous access is not allowed for this request"},"status":401}"#;
+        assert_eq!(
+            classify(401, top.as_bytes(), 1),
+            BulkVerdict::Refused("401 security_exception: unable to authenticate with provided credentials and anonymous access is not allowed for this request".into())
+        );
+        assert_eq!(classify(200, PARTIAL.as_bytes(), 6).refusal(), None);
     }
 
     #[test]

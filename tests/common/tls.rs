@@ -380,6 +380,11 @@ pub struct EsAuth {
     pub basic: Vec<(String, String)>,
     /// `ApiKey <value>` known but not allowed: 403.
     pub forbidden_api_keys: Vec<String>,
+    /// `ApiKey <value>` that may read but not write: requests are
+    /// forwarded, except `_bulk`, answered 200 with every item refused
+    /// (403 `security_exception`), as Elasticsearch answers a key without
+    /// the `index` privilege on the index.
+    pub read_only_api_keys: Vec<String>,
 }
 
 impl EsAuth {
@@ -402,7 +407,7 @@ impl EsAuth {
         let Some(h) = header else { return 401 };
         let h = h.trim();
         if let Some(k) = h.strip_prefix("ApiKey ") {
-            if self.api_keys.iter().any(|a| a == k) {
+            if self.api_keys.iter().any(|a| a == k) || self.read_only(header) {
                 return 200;
             }
             if self.forbidden_api_keys.iter().any(|a| a == k) {
@@ -420,6 +425,15 @@ impl EsAuth {
             }
         }
         401
+    }
+}
+
+impl EsAuth {
+    /// Whether the header carries one of [`EsAuth::read_only_api_keys`].
+    fn read_only(&self, header: Option<&str>) -> bool {
+        header
+            .and_then(|h| h.trim().strip_prefix("ApiKey "))
+            .is_some_and(|k| self.read_only_api_keys.iter().any(|a| a == k))
     }
 }
 
@@ -459,6 +473,8 @@ struct ProxyShared {
     forwarded: AtomicUsize,
     refused_401: AtomicUsize,
     refused_403: AtomicUsize,
+    /// `_bulk` items answered 403 for a read-only key.
+    items_refused: AtomicUsize,
     auth_seen: Mutex<Vec<String>>,
 }
 
@@ -544,6 +560,7 @@ impl TlsProxy {
             forwarded: AtomicUsize::new(0),
             refused_401: AtomicUsize::new(0),
             refused_403: AtomicUsize::new(0),
+            items_refused: AtomicUsize::new(0),
             auth_seen: Mutex::new(Vec::new()),
         });
         let sh = shared.clone();
@@ -636,6 +653,11 @@ impl TlsProxy {
             self.shared.refused_401.load(Ordering::SeqCst),
             self.shared.refused_403.load(Ordering::SeqCst),
         )
+    }
+
+    /// `_bulk` items answered 403 because the key may only read.
+    pub fn items_refused(&self) -> usize {
+        self.shared.items_refused.load(Ordering::SeqCst)
     }
 
     /// Distinct `Authorization` values received (`<none>` for none).
@@ -805,7 +827,30 @@ async fn http_exchange(
             s.push(seen);
         }
     }
-    let verdict = auth.lock().unwrap().verdict(authz.as_deref());
+    let (verdict, read_only) = {
+        let a = auth.lock().unwrap();
+        (a.verdict(authz.as_deref()), a.read_only(authz.as_deref()))
+    };
+    let path = head[0].split(' ').nth(1).unwrap_or("/").to_string();
+    if verdict == 200 && read_only && path.split('?').next().unwrap_or("").ends_with("/_bulk") {
+        let len: usize = header(&head, "content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let mut body = vec![0u8; len];
+        let _ = r.read_exact(&mut body).await;
+        let body = bulk_items_refused(&body);
+        sh.items_refused
+            .fetch_add(body.matches("\"status\":403").count(), Ordering::SeqCst);
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = w.write_all(resp.as_bytes()).await;
+        let _ = w.flush().await;
+        let _ = w.close().await;
+        return;
+    }
     if verdict != 200 {
         // Read the body first, so closing does not reset the connection
         // before the client has read the answer.
@@ -814,7 +859,6 @@ async fn http_exchange(
             .unwrap_or(0);
         let mut body = vec![0u8; len];
         let _ = r.read_exact(&mut body).await;
-        let path = head[0].split(' ').nth(1).unwrap_or("/").to_string();
         let (status, text) = if verdict == 403 {
             sh.refused_403.fetch_add(1, Ordering::SeqCst);
             (403, "Forbidden")
@@ -871,6 +915,27 @@ async fn pump_open<R: smol::io::AsyncRead + Unpin>(mut r: R, mut w: &Async<TcpSt
             break;
         }
     }
+}
+
+/// The `_bulk` answer of Elasticsearch 8 to a key without the `index`
+/// privilege: 200, `"errors":true`, each item 403 `security_exception`.
+fn bulk_items_refused(ndjson: &[u8]) -> String {
+    let text = String::from_utf8_lossy(ndjson);
+    let items: Vec<String> = text
+        .lines()
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            let id = v.get("index")?.get("_id")?.as_str()?.to_string();
+            Some(serde_json::json!({"index": {"_index": "messages", "_id": id, "status": 403,
+                "error": {"type": "security_exception",
+                          "reason": "action [indices:data/write/bulk[s]] is unauthorized for API key id [chat-writer-test] of user [chat_writer] on indices [messages], this action is granted by the index privileges [create_doc,create,index,write,all]"}}})
+            .to_string())
+        })
+        .collect();
+    format!(
+        r#"{{"errors":true,"took":1,"items":[{}]}}"#,
+        items.join(",")
+    )
 }
 
 /// The error body Elasticsearch answers with when security refuses a request.

@@ -1199,12 +1199,152 @@ fn bad_tls_configuration_exits_2() {
     }
 }
 
+/// The reason the rig gives for each `_bulk` item of a read-only key.
+const ITEM_REFUSED: &str = "403 security_exception: action [indices:data/write/bulk[s]] is unauthorized for API key id [chat-writer-test] of user [chat_writer] on indices [messages], this action is granted by the index privileges [create_doc,create,index,write,all]";
+
 /// The lines of `log` that contain `what`.
 fn lines_with(log: &str, what: &str) -> Vec<String> {
     log.lines()
         .filter(|l| l.contains(what))
         .map(str::to_string)
         .collect()
+}
+
+/// A key that may read but not write: `_bulk` answers 200 with every item
+/// refused (403), as Elasticsearch does for a key without the `index`
+/// privilege, while the probe's read passes. The refusal is treated like a
+/// refused request: `/readyz` names elasticsearch and the reason, the log
+/// says so once however often the bulk is retried, nothing is
+/// dead-lettered, and the key file is read again after the refused items,
+/// so correcting the file is enough.
+#[test]
+fn es_items_refused_read_the_key_file_again_and_make_the_writer_unready() {
+    let env = TestEnv::new("tls_es_items_refused");
+    let pki = Pki::new();
+    let ca = pki.ca_file();
+    let es = TlsProxy::start_http(
+        es_upstream(&env.es_url),
+        &pki.server,
+        EsAuth {
+            api_keys: vec!["right-key".into()],
+            read_only_api_keys: vec!["read-only-key".into()],
+            ..EsAuth::default()
+        },
+    );
+    let key_file = pki.file("api-key", "read-only-key\n");
+    let vars = Vars::new(&env)
+        .https(&es, &ca)
+        .set("ELASTICSEARCH_API_KEY_FILE", path(&key_file));
+    let addr = vars.http_addr();
+    smol::block_on(async {
+        env.migrate_and_seed().await;
+        let amqp = env.amqp().await;
+        amqp.declare_work_queues().await;
+        let mut w = env.spawn_vars(&[], &vars.0);
+        env.wait_consuming(&mut w).await;
+        wait_ready(&addr).await;
+        publish(&amqp, 1..=3).await;
+        wait_rows(&env.db, 3).await;
+        let body = wait_refused(&mut w, &addr, "elasticsearch", ITEM_REFUSED).await;
+        assert_eq!(body, format!("elasticsearch: {ITEM_REFUSED}\n"));
+        // Three refused rounds at least (each refuses one item or more; the
+        // backoff is still short, so the corrected key is tried soon).
+        wait_until("three refused bulks", WAIT, POLL, || async {
+            es.items_refused() >= 3
+        })
+        .await;
+        assert_eq!(readyz(&addr).0, 503, "still unready");
+        let log = w.log();
+        let said = lines_with(
+            &log,
+            "documents wait in the index queue until this is fixed",
+        );
+        assert_eq!(said.len(), 1, "{said:#?}");
+        assert!(
+            said[0].ends_with(&format!(
+                "elasticsearch: {ITEM_REFUSED}; documents wait in the index queue until this is fixed"
+            )),
+            "{said:#?}"
+        );
+        assert_eq!(env.dead_and_retrying(), (0, 0), "{:?}", env.list_queues());
+        assert!(held(&env, "chat_writer.index") >= 1);
+
+        pki.file("api-key", "right-key\n");
+        assert_exactly(&env, &env.db, 3).await;
+        wait_ready(&addr).await;
+        w.stop();
+        let log = w.log();
+        assert_eq!(
+            lines_with(&log, "holds a new key; using it").len(),
+            1,
+            "{}",
+            w.log_tail(30)
+        );
+        assert_eq!(lines_with(&log, "_bulk accepted again").len(), 1);
+        env.assert_nothing_dead_or_retrying();
+        assert_eq!(held(&env, "chat_writer.index"), 0);
+        let seen = es.auth_seen();
+        assert_eq!(seen, ["ApiKey read-only-key", "ApiKey right-key"]);
+        assert_eq!(es.requests().1 + es.requests().2, 0, "no request refused");
+        amqp.close().await;
+    });
+}
+
+/// `https://user:password@host` with percent-encoded characters: the
+/// server gets `Basic base64(user:password)` of the decoded values, and
+/// the log never shows the password, encoded or not.
+#[test]
+fn es_url_credentials_are_percent_decoded() {
+    let env = TestEnv::new("tls_es_basic_decoded");
+    let pki = Pki::new();
+    let ca = pki.ca_file();
+    let es = TlsProxy::start_http(
+        es_upstream(&env.es_url),
+        &pki.server,
+        EsAuth::basic("wri:ter", "p@ss:w/rd %"),
+    );
+    let url = format!(
+        "https://wri%3Ater:p%40ss%3Aw%2Frd%20%25@127.0.0.1:{}",
+        es.port
+    );
+    let vars = Vars::new(&env)
+        .https(&es, &ca)
+        .set("ELASTICSEARCH_URL", url);
+    let addr = vars.http_addr();
+    smol::block_on(async {
+        env.migrate_and_seed().await;
+        let amqp = env.amqp().await;
+        amqp.declare_work_queues().await;
+        let mut w = env.spawn_vars(&[], &vars.0);
+        env.wait_consuming(&mut w).await;
+        publish(&amqp, 1..=3).await;
+        assert_exactly(&env, &env.db, 3).await;
+        wait_ready(&addr).await;
+        w.stop();
+        assert_eq!(
+            es.auth_seen(),
+            [format!(
+                "Basic {}",
+                tls::base64_encode(b"wri:ter:p@ss:w/rd %")
+            )]
+        );
+        assert_eq!((es.requests().1, es.requests().2), (0, 0));
+        let log = w.log();
+        for secret in ["p@ss", "p%40ss", "rd %", "rd%20"] {
+            assert!(!log.contains(secret), "{secret} in the log:\n{log}");
+        }
+        assert_eq!(
+            lines_with(
+                &log,
+                &format!("elasticsearch=https://wri%3Ater:***@127.0.0.1:{} ", es.port)
+            )
+            .len(),
+            1,
+            "{}",
+            w.log_tail(30)
+        );
+        amqp.close().await;
+    });
 }
 
 /// redis-rs reads `rediss://…#insecure` as "do not verify the certificate"

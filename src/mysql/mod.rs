@@ -275,11 +275,20 @@ fn ssl_opts(cfg: &Config) -> Option<mysql_async::SslOpts> {
         SslMode::VerifyIdentity => (true, true),
     };
     let buf = |pem: &Arc<[u8]>| pem.to_vec().into();
+    let verify = verify_ca && !s.insecure;
+    // mysql_async copies the public roots into each connector it builds
+    // (twice); where nothing is verified they would only take memory.
     let mut o = SslOpts::default()
-        .with_danger_accept_invalid_certs(s.insecure || !verify_ca)
-        .with_danger_skip_domain_validation(s.insecure || !verify_name);
+        .with_danger_accept_invalid_certs(!verify)
+        .with_danger_skip_domain_validation(!verify || !verify_name)
+        .with_disable_built_in_roots(!verify);
     if let Some(ca) = &s.ca {
         o = o.with_root_certs(vec![buf(&ca.pem)]);
+    } else if !verify {
+        // Its verifier refuses to be built without any root; one borrowed
+        // from the binary serves, and is never consulted.
+        let one = crate::tls::public_root_certificates()[..1].iter();
+        o = o.with_root_certs(one.map(|c| c.as_ref().into()).collect());
     }
     if let Some((cert, key)) = &s.identity {
         o = o.with_client_identity(Some(ClientIdentity::new(buf(&cert.pem), buf(&key.pem))));

@@ -525,8 +525,14 @@ fn parse_values(
         if !TLS && redis_url.starts_with("rediss://") {
             return Err(err("REDIS_URL", &redis_url, NO_TLS_REDIS));
         }
+        // A rediss:// URL is redis-rs's plain form over a TLS stream the
+        // writer opens itself, so it is checked in that form.
+        let plain_form = match redis_url.strip_prefix("rediss://") {
+            Some(rest) => format!("redis://{rest}"),
+            None => redis_url.clone(),
+        };
         if !(redis_url.starts_with("redis://") || redis_url.starts_with("rediss://"))
-            || redis::Client::open(redis_url.as_str()).is_err()
+            || redis::Client::open(plain_form.as_str()).is_err()
         {
             return Err(err(
                 "REDIS_URL",
@@ -534,9 +540,10 @@ fn parse_values(
                 "a redis://host:port/db or rediss://host:port/db URL",
             ));
         }
-        // redis-rs reads a `#insecure` fragment as "do not verify the
-        // certificate": one switch per service, the variable, which is
-        // warned at start; the fragment would turn verification off unseen.
+        // redis-rs's URLs take a `#insecure` fragment as "do not verify the
+        // certificate"; here verification has one switch per service, the
+        // variable, which is warned at start, so the fragment is refused
+        // rather than silently ignored.
         if insecure_fragment(&redis_url) {
             return Err(err(
                 "REDIS_URL",
@@ -685,15 +692,13 @@ fn parse_values(
     }
 }
 
-/// Whether redis-rs would connect to `url` without verifying the
-/// server's certificate (a `rediss://` URL ending in `#insecure`).
+/// Whether `url` carries redis-rs's `#insecure` fragment, which other
+/// redis-rs programs read as "do not verify the server's certificate".
 fn insecure_fragment(url: &str) -> bool {
-    redis::IntoConnectionInfo::into_connection_info(url).is_ok_and(|info| {
-        matches!(
-            info.addr(),
-            redis::ConnectionAddr::TcpTls { insecure: true, .. }
-        )
-    })
+    // A URL's fragment is what follows its first `#` (a `#` in a password
+    // is percent-encoded); redis-rs compares it whole.
+    url.split_once('#')
+        .is_some_and(|(_, fragment)| fragment == "insecure")
 }
 
 impl Config {

@@ -24,43 +24,162 @@ pub const MESSAGE_CHANGES: &str = "message_changes";
 
 /// A lazily (re)connected Redis connection.
 pub struct Redis {
+    /// The URL's settings (address, database, user, password); for a
+    /// `rediss://` URL those of the same URL with `redis://`, since the
+    /// writer opens the TLS stream itself.
     client: Client,
+    /// For `rediss://`: what the TLS stream is opened with.
+    #[cfg(feature = "tls")]
+    tls: Option<TlsTarget>,
     conn: RefCell<Option<MultiplexedConnection>>,
 }
 
+/// The server of a `rediss://` URL and the rustls configuration of
+/// REDIS_TLS_* (built once: one set of roots for every reconnect).
+#[cfg(feature = "tls")]
+struct TlsTarget {
+    host: String,
+    port: u16,
+    config: std::sync::Arc<rustls::ClientConfig>,
+}
+
+/// Connect and response timeouts of the shared connection: an unreachable
+/// Redis fails fast instead of hanging.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl Redis {
-    /// Parses `url`; connects on first use. A `rediss://` URL connects
-    /// over TLS with the trust, client certificate and verification switch
-    /// of `tls` (REDIS_TLS_*); a `redis://` URL ignores them.
+    /// Parses `url`; connects on first use. A `rediss://` URL connects over TLS with the trust, client certificate and
+    /// verification switch of `tls` (REDIS_TLS_*), the certificate checked
+    /// against the URL's host (a name or an IP address); a `redis://` URL
+    /// ignores them.
     ///
-    /// Errors: the URL does not parse (reported as bad REDIS_URL).
+    /// Errors: the URL does not parse (reported as bad REDIS_URL), or a
+    /// TLS file that does not parse (checked at start already).
     pub fn new(url: &str, tls: &crate::tls::Settings) -> RedisResult<Redis> {
-        let client = if url.starts_with("rediss://") {
-            tls_client(url, tls)?
-        } else {
-            Client::open(url)?
+        match url.strip_prefix("rediss://") {
+            Some(rest) => Self::over_tls(rest, tls),
+            None => Ok(Redis {
+                client: Client::open(url)?,
+                #[cfg(feature = "tls")]
+                tls: None,
+                conn: RefCell::new(None),
+            }),
+        }
+    }
+
+    /// A `rediss://` URL (given without its scheme): redis-rs speaks RESP
+    /// over a stream the writer opens, as the AMQP connection does, so the
+    /// trust is the writer's own (the public roots it carries plus
+    /// REDIS_TLS_CA_FILE), not a bundle handed to redis-rs.
+    #[cfg(feature = "tls")]
+    fn over_tls(rest: &str, tls: &crate::tls::Settings) -> RedisResult<Redis> {
+        use redis::ConnectionAddr;
+        // The same URL with the plain scheme: redis-rs's own default port
+        // (6379) holds for both.
+        let plain = format!("redis://{rest}");
+        let client = Client::open(plain.as_str())?;
+        let (host, port) = match client.get_connection_info().addr() {
+            ConnectionAddr::Tcp(host, port) => (host.clone(), *port),
+            other => {
+                return Err(invalid(format!("{other}: not a TCP address")));
+            }
         };
+        let config = crate::tls::client_config(tls).map_err(invalid)?;
         Ok(Redis {
             client,
+            tls: Some(TlsTarget { host, port, config }),
             conn: RefCell::new(None),
         })
     }
 
-    /// The shared connection, opened if needed (2 s connect and response
-    /// timeouts, so an unreachable Redis fails fast instead of hanging).
+    /// Without the `tls` feature `config` refuses `rediss://` at start.
+    #[cfg(not(feature = "tls"))]
+    fn over_tls(_: &str, _: &crate::tls::Settings) -> RedisResult<Redis> {
+        Err(invalid(
+            "rediss:// needs a build with the `tls` feature".into(),
+        ))
+    }
+
+    /// The shared connection, opened if needed (2 s to connect, TLS
+    /// handshake included; 5 s per response).
+    ///
+    /// Errors: redis-rs's (refused, authentication, timeout), or a TLS
+    /// failure whose text names the reason (see [`crate::tls::refusal`]).
     pub async fn conn(&self) -> RedisResult<MultiplexedConnection> {
         if let Some(c) = self.conn.borrow().as_ref() {
             return Ok(c.clone());
         }
         let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(5)));
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT));
+        #[cfg(feature = "tls")]
+        let c = match &self.tls {
+            Some(t) => self.open_tls(t, config).await?,
+            None => {
+                self.client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await?
+            }
+        };
+        #[cfg(not(feature = "tls"))]
         let c = self
             .client
             .get_multiplexed_async_connection_with_config(&config)
             .await?;
         *self.conn.borrow_mut() = Some(c.clone());
         Ok(c)
+    }
+
+    /// TCP connect and TLS handshake within [`CONNECT_TIMEOUT`], then
+    /// redis-rs's set-up (AUTH, SELECT) on the stream; its driver runs on
+    /// smol's global executor, as redis-rs runs its own.
+    #[cfg(feature = "tls")]
+    async fn open_tls(
+        &self,
+        t: &TlsTarget,
+        config: AsyncConnectionConfig,
+    ) -> RedisResult<MultiplexedConnection> {
+        use smol::future::FutureExt;
+        let open = async {
+            let (host, port) = (t.host.clone(), t.port);
+            let addrs = smol::unblock(move || {
+                std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
+                    .map(|a| a.collect::<Vec<_>>())
+            })
+            .await?;
+            let mut last = std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{}: no address", t.host),
+            );
+            for addr in addrs {
+                match async_io::Async::<std::net::TcpStream>::connect(addr).await {
+                    Ok(stream) => {
+                        let _ = stream.get_ref().set_nodelay(true);
+                        let connector = tcp_stream::RustlsConnector::from(t.config.clone());
+                        return tcp_stream::AsyncTcpStream::Plain(stream)
+                            .into_rustls(&connector, &t.host)
+                            .await;
+                    }
+                    Err(e) => last = e,
+                }
+            }
+            Err(last)
+        };
+        let timeout = async {
+            async_io::Timer::after(CONNECT_TIMEOUT).await;
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "connection timed out (TCP and TLS handshake)",
+            ))
+        };
+        let stream = open.or(timeout).await?;
+        let stream = async_compat::Compat::new(stream);
+        let settings = self.client.get_connection_info().redis_settings();
+        let (conn, driver) =
+            MultiplexedConnection::new_with_config(settings, stream, config).await?;
+        smol::spawn(driver).detach();
+        Ok(conn)
     }
 
     /// `host:port` of the server, for messages.
@@ -74,47 +193,9 @@ impl Redis {
     }
 }
 
-/// A `rediss://` client. redis-rs takes a CA bundle instead of its public
-/// roots, so a REDIS_TLS_CA_FILE is handed over together with them.
-#[cfg(feature = "tls")]
-fn tls_client(url: &str, tls: &crate::tls::Settings) -> RedisResult<Client> {
-    use redis::{ClientTlsConfig, ConnectionAddr, IntoConnectionInfo, TlsCertificates};
-    let mut info = url.into_connection_info()?;
-    if tls.insecure {
-        if let ConnectionAddr::TcpTls { host, port, .. } = info.addr().clone() {
-            info = info.set_addr(ConnectionAddr::TcpTls {
-                host,
-                port,
-                insecure: true,
-                tls_params: None,
-            });
-        }
-    }
-    if tls.ca.is_none() && tls.identity.is_none() {
-        return Client::open(info);
-    }
-    let invalid = |e: String| redis::RedisError::from(std::io::Error::other(e));
-    let root_cert = match &tls.ca {
-        Some(ca) => Some(crate::tls::root_bundle_pem(ca).map_err(invalid)?),
-        None => None,
-    };
-    let client_tls = tls.identity.as_ref().map(|(cert, key)| ClientTlsConfig {
-        client_cert: cert.pem.to_vec(),
-        client_key: key.pem.to_vec(),
-    });
-    Client::build_with_tls(
-        info,
-        TlsCertificates {
-            client_tls,
-            root_cert,
-        },
-    )
-}
-
-/// Without the `tls` feature `config` refuses `rediss://` at start.
-#[cfg(not(feature = "tls"))]
-fn tls_client(url: &str, _: &crate::tls::Settings) -> RedisResult<Client> {
-    Client::open(url)
+/// A configuration error in redis-rs's type, with `text` as its reason.
+fn invalid(text: String) -> redis::RedisError {
+    redis::RedisError::from(std::io::Error::other(text))
 }
 
 /// Markers of one committed batch.

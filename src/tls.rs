@@ -251,29 +251,13 @@ mod with_tls {
         webpki_root_certs::TLS_SERVER_ROOT_CERTS
     }
 
-    /// The public roots as whole certificates plus those of `ca`, for the
-    /// libraries that take a list of certificates instead of adding to
-    /// their roots (redis-rs, ureq). The public ones are borrowed.
+    /// The public roots as whole certificates plus those of `ca`, for a
+    /// library that takes a list of certificates instead of adding to its
+    /// roots (ureq). The public ones are borrowed.
     pub fn root_certificates(ca: &PemFile) -> Result<Vec<CertificateDer<'static>>, String> {
         let mut all = public_root_certificates().to_vec();
         all.extend(certificates(&ca.pem)?);
         Ok(all)
-    }
-
-    /// [`root_certificates`] as one PEM bundle (redis-rs takes PEM bytes).
-    pub fn root_bundle_pem(ca: &PemFile) -> Result<Vec<u8>, String> {
-        use base64::Engine;
-        let mut out = Vec::with_capacity(256 << 10);
-        for cert in root_certificates(ca)? {
-            let b64 = base64::engine::general_purpose::STANDARD.encode(cert.as_ref());
-            out.extend_from_slice(b"-----BEGIN CERTIFICATE-----\n");
-            for line in b64.as_bytes().chunks(64) {
-                out.extend_from_slice(line);
-                out.push(b'\n');
-            }
-            out.extend_from_slice(b"-----END CERTIFICATE-----\n");
-        }
-        Ok(out)
     }
 
     /// The `<S>_TLS_INSECURE=true` verifier: any certificate, any name;

@@ -140,8 +140,8 @@ pub fn agent(tls: &crate::tls::Settings, timeout: Duration) -> ureq::Agent {
 
 /// ureq's TLS configuration for `s`: rustls with the writer's provider;
 /// the public roots (ureq's own) or, with a CA bundle, the public roots
-/// and the bundle as one list (ureq takes a list instead of adding to its
-/// roots). The files were checked at start.
+/// (borrowed from the binary) and the bundle as one list (ureq takes a
+/// list instead of adding to its roots). The files were checked at start.
 #[cfg(feature = "tls")]
 fn tls_config(s: &crate::tls::Settings) -> ureq::tls::TlsConfig {
     use ureq::tls::{Certificate, ClientCert, PrivateKey, RootCerts, TlsConfig, TlsProvider};
@@ -150,11 +150,18 @@ fn tls_config(s: &crate::tls::Settings) -> ureq::tls::TlsConfig {
         .unversioned_rustls_crypto_provider(crate::tls::provider())
         .disable_verification(s.insecure);
     if let Some(ca) = &s.ca {
-        let all = crate::tls::root_certificates(ca).unwrap_or_default();
-        let certs: Vec<Certificate<'static>> = all
+        // The public roots stay where the binary has them; only the
+        // bundle's certificates are copied.
+        let mut certs: Vec<Certificate<'static>> = crate::tls::public_root_certificates()
             .iter()
-            .map(|c| Certificate::from_der(c.as_ref()).to_owned())
+            .map(|c| Certificate::from_der(c.as_ref()))
             .collect();
+        let extra = crate::tls::certificates(&ca.pem).unwrap_or_default();
+        certs.extend(
+            extra
+                .iter()
+                .map(|c| Certificate::from_der(c.as_ref()).to_owned()),
+        );
         b = b.root_certs(RootCerts::new_with_certs(&certs));
     }
     if let Some((cert, key)) = &s.identity {

@@ -130,6 +130,8 @@ pub fn refusal(text: &str) -> Option<&'static str> {
     let t = text;
     if t.contains("UnknownIssuer") || t.contains("unknown issuer") {
         Some("unknown issuer: the server's certificate is not signed by a trusted CA")
+    } else if t.contains("not valid for any names") {
+        Some("name mismatch: the server's certificate names no host in a subjectAltName (a CN alone is not checked; MySQL's auto-generated certificates are like this)")
     } else if t.contains("not valid for name") || t.contains("NotValidForName") {
         Some("name mismatch: the server's certificate is not valid for this host name")
     } else if t.contains("certificate expired") || t.contains("Expired") {
@@ -326,6 +328,10 @@ mod tests {
             (
                 "invalid peer certificate: certificate expired: verification time 1 (UNIX), but certificate is not valid after 0 (1 seconds ago)",
                 "expired",
+            ),
+            (
+                "invalid peer certificate: certificate not valid for name \"127.0.0.1\"; certificate is not valid for any names (according to its subjectAltName extension)",
+                "name mismatch: the server's certificate names no host",
             ),
             ("received fatal alert: CertificateRequired", "handshake refused"),
             (

@@ -193,22 +193,27 @@ pub fn adapted(opts: &Opts, mode: SslMode, e: &mysql_async::Error) -> Option<Opt
     }
     if mode == SslMode::VerifyCa {
         let name = presented_name(&e.to_string())?;
-        if ssl.tls_hostname_override() == Some(name.as_str()) {
+        // A wildcard is no name to check against; a name it covers is.
+        let checked = match name.strip_prefix("*.") {
+            Some(parent) => format!("verify-ca.{parent}"),
+            None => name.clone(),
+        };
+        if ssl.tls_hostname_override() == Some(checked.as_str()) {
             return None;
         }
         log::info!(
             "mysql: the server's certificate is signed by a trusted CA and names {name:?}, not {:?}; DATABASE_SSL_MODE=verify_ca accepts it",
             opts.ip_or_hostname()
         );
-        let ssl = ssl.clone().with_danger_tls_hostname_override(Some(name));
+        let ssl = ssl.clone().with_danger_tls_hostname_override(Some(checked));
         return Some(OptsBuilder::from_opts(opts.clone()).ssl_opts(ssl).into());
     }
     None
 }
 
-/// The first name a certificate is valid for, from rustls's name-mismatch
-/// error: `certificate not valid for name "db"; certificate is only valid
-/// for DnsName("mysql.internal")` (or `IpAddress(…)`).
+/// The first name the certificate is valid for, from rustls's
+/// name-mismatch error: `certificate not valid for name "db"; certificate
+/// is only valid for DnsName("mysql.internal")` (or `IpAddress(…)`).
 fn presented_name(error: &str) -> Option<String> {
     let rest = &error[error.find("certificate is only valid for ")? + 30..];
     if let Some(dns) = rest.strip_prefix("DnsName(\"") {

@@ -144,12 +144,17 @@ async fn idle(s: &Settings, rig: &Rig, bin: &str, tag: &str, secs: u64) -> Res<V
         w.wait_ready(&sb, Duration::from_secs(60)).await?;
         smol::Timer::after(Duration::from_secs(secs)).await;
         let snap = w.snap().ok_or("the writer vanished while idle")?;
+        // The mappings behind the figure, for a look at where it goes.
+        let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", w.pid)).unwrap_or_default();
+        let _ = std::fs::write(s.out.join(format!("writer-{}-smaps.txt", sb.name)), smaps);
         let during = rig.status();
         let exit = w.stop();
         let after = rig.status();
         Ok(json!({
             "rss_kib": snap.rss_kib,
             "hwm_kib": snap.hwm_kib,
+            "anon_kib": snap.anon_kib,
+            "file_kib": snap.file_kib,
             "threads": snap.threads,
             "sockets": snap.sockets,
             "cpu_s": snap.cpu_s,

@@ -20,6 +20,10 @@ use std::time::{Duration, Instant};
 pub struct Snap {
     pub rss_kib: u64,
     pub hwm_kib: u64,
+    /// `RssAnon` (heap, stacks, relocated data) and `RssFile` (the binary's
+    /// pages that are mapped in).
+    pub anon_kib: u64,
+    pub file_kib: u64,
     pub threads: u64,
     pub sockets: u64,
     pub cpu_s: f64,
@@ -49,6 +53,10 @@ pub fn snapshot(pid: u32, ticks: f64) -> Option<Snap> {
             s.rss_kib = val(line);
         } else if line.starts_with("VmHWM:") {
             s.hwm_kib = val(line);
+        } else if line.starts_with("RssAnon:") {
+            s.anon_kib = val(line);
+        } else if line.starts_with("RssFile:") {
+            s.file_kib = val(line);
         } else if line.starts_with("Threads:") {
             s.threads = val(line);
         }

@@ -315,6 +315,8 @@ pub async fn run(s: &Settings, o: &Opts) -> Res<(Value, String)> {
     };
     md.push_str(&row("idle VmRSS, KiB", (ip, it), "rss_kib", true));
     md.push_str(&row("idle VmHWM, KiB", (ip, it), "hwm_kib", true));
+    md.push_str(&row("idle RssAnon (heap, stacks), KiB", (ip, it), "anon_kib", true));
+    md.push_str(&row("idle RssFile (the binary's mapped pages), KiB", (ip, it), "file_kib", true));
     md.push_str(&row("idle threads", (ip, it), "threads", true));
     md.push_str(&row("idle sockets", (ip, it), "sockets", true));
     md.push_str(&row(
@@ -358,12 +360,14 @@ pub async fn run(s: &Settings, o: &Opts) -> Res<(Value, String)> {
     ));
     if !idle_nontls.is_empty() {
         md.push_str(&format!(
-            "\nBuild without TLS (`{}`), plain, idle: VmRSS median {} KiB ({}), VmHWM {} KiB ({}).\n",
+            "\nBuild without TLS (`{}`), plain, idle: VmRSS median {} KiB ({}), VmHWM {} KiB ({}), RssAnon {} KiB, RssFile {} KiB.\n",
             o.plain_writer.as_deref().unwrap_or(""),
             fmt_num(med(&idle_nontls, "rss_kib")),
             list(&idle_nontls, "rss_kib"),
             fmt_num(med(&idle_nontls, "hwm_kib")),
             list(&idle_nontls, "hwm_kib"),
+            fmt_num(med(&idle_nontls, "anon_kib")),
+            fmt_num(med(&idle_nontls, "file_kib")),
         ));
     }
     md.push_str(&format!(

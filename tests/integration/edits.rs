@@ -952,8 +952,13 @@ fn migrate_sets_the_version_of_rows_edited_before_the_column_existed() {
         assert!(row.updated_us > edited.updated_us);
         let doc = assert_indexed(&env, &row).await;
         assert_eq!(doc["_source"]["body"], "new edit");
-        let c = wait_superseded(&addr, 1).await;
-        assert_eq!((c.received, c.stored), (2, 2), "{c:?}");
+        // The row and the document can be seen before the delivery is
+        // counted (the counters follow the ack): wait until both settled.
+        let c = wait_counters(&addr, "the new edit settled", |c| {
+            c.received == 2 && c.balanced()
+        })
+        .await;
+        assert_eq!((c.stored, c.superseded), (2, 1), "{c:?}");
         env.assert_nothing_dead_or_retrying();
         w.stop();
         amqp.close().await;

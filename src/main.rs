@@ -41,6 +41,10 @@ fn help() -> String {
             v.name, v.help
         ));
     }
+    s.push_str(
+        "\nAny variable NAME may instead be given as NAME_FILE, the path of a file holding its\n\
+         value (one trailing newline dropped; Docker and Kubernetes secrets); not both.\n",
+    );
     s.push_str("\nEXIT CODES: 0 clean shutdown, 1 fatal error, 2 bad configuration or usage;\n");
     s.push_str(
         "  healthcheck: 0 healthy, 1 anything else (bad configuration and usage errors included).\n",

@@ -36,7 +36,7 @@ async fn open(
 ) -> Result<(Connection, Channel, u32), String> {
     let conn = connect(url, tls)
         .await
-        .map_err(|e| format!("connect: {e}"))?;
+        .map_err(|e| format!("connect: {}", crate::tls::explain(&e.to_string())))?;
     let ch = conn.create_channel().await.map_err(|e| e.to_string())?;
     let dlq = dead_letter_queue(queue);
     let passive = QueueDeclareOptions {

@@ -66,7 +66,11 @@ fn version_and_help() {
     }
     assert!(
         text.contains("--env-file PATH") && text.contains("real environment variables win"),
-        "--help does not describe --env-file PATH (issue 5):\n{text}"
+        "--help does not describe --env-file PATH:\n{text}"
+    );
+    assert!(
+        text.contains("Any variable NAME may instead be given as NAME_FILE"),
+        "--help does not describe NAME_FILE:\n{text}"
     );
     for (var, words) in [
         (

@@ -994,6 +994,21 @@ fn es_certificate_refused_then_fixed() {
     });
 }
 
+/// The search server behind an HTTP TLS proxy that checks `auth`, and the
+/// writer's variables for it with ELASTICSEARCH_API_KEY_FILE holding
+/// `key`: (PKI, proxy, variables, the writer's HTTP address).
+fn api_key_file_rig(env: &TestEnv, auth: EsAuth, key: &str) -> (Pki, TlsProxy, Vars, String) {
+    let pki = Pki::new();
+    let ca = pki.ca_file();
+    let es = TlsProxy::start_http(es_upstream(&env.es_url), &pki.server, auth);
+    let key_file = pki.file("api-key", &format!("{key}\n"));
+    let vars = Vars::new(env)
+        .https(&es, &ca)
+        .set("ELASTICSEARCH_API_KEY_FILE", path(&key_file));
+    let addr = vars.http_addr();
+    (pki, es, vars, addr)
+}
+
 /// A key without the right (403, a first writer), then a wrong API key
 /// (401) in ELASTICSEARCH_API_KEY_FILE: rows keep landing, no document is
 /// dead-lettered, `/readyz` names elasticsearch and the status. Correcting
@@ -1001,22 +1016,12 @@ fn es_certificate_refused_then_fixed() {
 #[test]
 fn es_api_key_refused_then_corrected_in_its_file() {
     let env = TestEnv::new("tls_es_api_key");
-    let pki = Pki::new();
-    let ca = pki.ca_file();
-    let es = TlsProxy::start_http(
-        es_upstream(&env.es_url),
-        &pki.server,
-        EsAuth {
-            api_keys: vec!["right-key".into()],
-            forbidden_api_keys: vec!["read-only-key".into()],
-            ..EsAuth::default()
-        },
-    );
-    let key_file = pki.file("api-key", "read-only-key\n");
-    let vars = Vars::new(&env)
-        .https(&es, &ca)
-        .set("ELASTICSEARCH_API_KEY_FILE", path(&key_file));
-    let addr = vars.http_addr();
+    let auth = EsAuth {
+        api_keys: vec!["right-key".into()],
+        forbidden_api_keys: vec!["read-only-key".into()],
+        ..EsAuth::default()
+    };
+    let (pki, es, vars, addr) = api_key_file_rig(&env, auth, "read-only-key");
     smol::block_on(async {
         env.migrate_and_seed().await;
         let amqp = env.amqp().await;
@@ -1067,18 +1072,7 @@ fn es_api_key_refused_then_corrected_in_its_file() {
 #[test]
 fn es_api_key_file_with_a_bad_value_then_corrected() {
     let env = TestEnv::new("tls_es_api_key_bad_value");
-    let pki = Pki::new();
-    let ca = pki.ca_file();
-    let es = TlsProxy::start_http(
-        es_upstream(&env.es_url),
-        &pki.server,
-        EsAuth::api_key("right-key"),
-    );
-    let key_file = pki.file("api-key", "wrong-key\n");
-    let vars = Vars::new(&env)
-        .https(&es, &ca)
-        .set("ELASTICSEARCH_API_KEY_FILE", path(&key_file));
-    let addr = vars.http_addr();
+    let (pki, _es, vars, addr) = api_key_file_rig(&env, EsAuth::api_key("right-key"), "wrong-key");
     smol::block_on(async {
         env.migrate_and_seed().await;
         let amqp = env.amqp().await;
@@ -1244,22 +1238,12 @@ fn lines_with(log: &str, what: &str) -> Vec<String> {
 #[test]
 fn es_items_refused_read_the_key_file_again_and_make_the_writer_unready() {
     let env = TestEnv::new("tls_es_items_refused");
-    let pki = Pki::new();
-    let ca = pki.ca_file();
-    let es = TlsProxy::start_http(
-        es_upstream(&env.es_url),
-        &pki.server,
-        EsAuth {
-            api_keys: vec!["right-key".into()],
-            read_only_api_keys: vec!["read-only-key".into()],
-            ..EsAuth::default()
-        },
-    );
-    let key_file = pki.file("api-key", "read-only-key\n");
-    let vars = Vars::new(&env)
-        .https(&es, &ca)
-        .set("ELASTICSEARCH_API_KEY_FILE", path(&key_file));
-    let addr = vars.http_addr();
+    let auth = EsAuth {
+        api_keys: vec!["right-key".into()],
+        read_only_api_keys: vec!["read-only-key".into()],
+        ..EsAuth::default()
+    };
+    let (pki, es, vars, addr) = api_key_file_rig(&env, auth, "read-only-key");
     smol::block_on(async {
         env.migrate_and_seed().await;
         let amqp = env.amqp().await;

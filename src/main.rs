@@ -237,6 +237,24 @@ fn main() -> ExitCode {
             warn_tls(&cfg, &[Service::Mysql, Service::Elasticsearch]);
             let store = chat_writer::mysql::Store::new(&cfg);
             let result = smol::block_on(async {
+                // The pool's connects have no time limit of their own; a
+                // connection of the writer's own (10 s) finds a MySQL that
+                // does not answer before the pool would wait on it.
+                let first = async_compat::Compat::new(async {
+                    chat_writer::mysql::connect(&cfg, Some(&cfg.database_name))
+                        .await?
+                        .disconnect()
+                        .await
+                })
+                .await;
+                if let Err(e) = first {
+                    return Err(format!(
+                        "mysql {}:{}: {}",
+                        cfg.database_host,
+                        cfg.database_port,
+                        chat_writer::tls::explain(&mysql_error(&e))
+                    ));
+                }
                 let r = chat_writer::elasticsearch::backfill::reindex(&store, &client).await;
                 store.close().await;
                 r

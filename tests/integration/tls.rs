@@ -1498,28 +1498,32 @@ fn tls_variables_are_warned_by_subcommands_and_on_plain_connections() {
 
 /// `migrate` against a MySQL host that accepts the connection and never
 /// answers (as a blackholed address behind a middlebox does) gives up
-/// after the connect timeout, naming mysql and the host.
+/// after the connect timeout, naming mysql and the host; so does
+/// `reindex`, whose pool alone would wait without limit.
 #[test]
-fn migrate_gives_up_on_a_host_that_never_answers() {
+fn migrate_and_reindex_give_up_on_a_host_that_never_answers() {
     let env = TestEnv::new("tls_migrate_silent");
     let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = silent.local_addr().expect("address").port();
     let vars = Vars::new(&env).set("DATABASE_PORT", port.to_string());
-    let mut m = env.spawn_vars(&["migrate"], &vars.0);
-    let exit = m.wait_exit(Duration::from_secs(30));
-    assert_eq!(exit.code, Some(1), "{}", m.log());
-    assert!(
-        exit.after >= Duration::from_secs(10) && exit.after < Duration::from_secs(20),
-        "{exit:?}"
-    );
-    let failed = lines_with(&m.log(), "ERROR");
-    assert_eq!(failed.len(), 1, "{failed:#?}");
-    assert!(
-        failed[0].ends_with(&format!(
-            "migrate failed: mysql 127.0.0.1:{port}: no answer within 10 s"
-        )),
-        "{failed:#?}"
-    );
+    for (args, failed_line) in [(["migrate"], "ERROR"), (["reindex"], "reindex failed")] {
+        let mut m = env.spawn_vars(&args, &vars.0);
+        let exit = m.wait_exit(Duration::from_secs(30));
+        assert_eq!(exit.code, Some(1), "{args:?}: {}", m.log());
+        assert!(
+            exit.after >= Duration::from_secs(10) && exit.after < Duration::from_secs(20),
+            "{args:?}: {exit:?}"
+        );
+        let failed = lines_with(&m.log(), failed_line);
+        assert_eq!(failed.len(), 1, "{args:?}: {failed:#?}");
+        assert!(
+            failed[0].ends_with(&format!(
+                "{} failed: mysql 127.0.0.1:{port}: no answer within 10 s",
+                args[0]
+            )),
+            "{failed:#?}"
+        );
+    }
     drop(silent);
 }
 

@@ -315,8 +315,18 @@ pub async fn run(s: &Settings, o: &Opts) -> Res<(Value, String)> {
     };
     md.push_str(&row("idle VmRSS, KiB", (ip, it), "rss_kib", true));
     md.push_str(&row("idle VmHWM, KiB", (ip, it), "hwm_kib", true));
-    md.push_str(&row("idle RssAnon (heap, stacks), KiB", (ip, it), "anon_kib", true));
-    md.push_str(&row("idle RssFile (the binary's mapped pages), KiB", (ip, it), "file_kib", true));
+    md.push_str(&row(
+        "idle RssAnon (heap, stacks), KiB",
+        (ip, it),
+        "anon_kib",
+        true,
+    ));
+    md.push_str(&row(
+        "idle RssFile (the binary's mapped pages), KiB",
+        (ip, it),
+        "file_kib",
+        true,
+    ));
     md.push_str(&row("idle threads", (ip, it), "threads", true));
     md.push_str(&row("idle sockets", (ip, it), "sockets", true));
     md.push_str(&row(

@@ -2,8 +2,8 @@
 //!
 //! The API publishes work to RabbitMQ; this crate consumes it and makes it
 //! durable: rows in MySQL, documents in Elasticsearch, and Redis counters
-//! synced into MySQL counts. `../shared/CONTRACT.md` is the interface; each
-//! module names the section it implements.
+//! synced into MySQL counts. README.md is the interface (configuration,
+//! queues, failure semantics, monitoring).
 //!
 //! | concept | module |
 //! |---|---|

@@ -148,18 +148,16 @@ fn valid_seeds() -> Vec<Vec<u8>> {
     // Hand-written variants serde_json would never produce.
     out.push(br#" { "chat_id" : 1 , "token":"app_x","chat_number":1,"number":1,"body":"\u00e9\ud83d\ude00" } "#.to_vec());
     out.push(br#"{"application_id":7,"token":"app_x","number":1,"number":2}"#.to_vec());
-    // The cases file, when it is beside the clone.
+    // The payloads of the fixture file.
     let cases = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../shared/cases/malformed-and-edge.jsonl"
+        "/tests/fixtures/malformed-and-edge.jsonl"
     );
-    if let Ok(text) = std::fs::read_to_string(cases) {
-        for line in text.lines().filter(|l| !l.trim().is_empty()) {
-            if let Ok(c) = serde_json::from_str::<Value>(line) {
-                if let Some(p) = c["payload"].as_str() {
-                    out.push(p.as_bytes().to_vec());
-                }
-            }
+    let text = std::fs::read_to_string(cases).expect("tests/fixtures/malformed-and-edge.jsonl");
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let c: Value = serde_json::from_str(line).expect("a fixture line is one JSON object");
+        if let Some(p) = c["payload"].as_str() {
+            out.push(p.as_bytes().to_vec());
         }
     }
     out

@@ -1,9 +1,10 @@
-//! `chat-writer migrate`: the CONTRACT section 4 schema.
+//! `chat-writer migrate`: the MySQL schema (`applications`, `chats`,
+//! `messages`, as [`TABLES`] and [`ADDED_COLUMNS`] below spell them).
 //!
 //! Creates the database if missing, then each table if missing, then the
 //! columns added since a table was first created. Every step checks first,
-//! so running it twice is harmless. InnoDB,
-//! utf8mb4 throughout (case 1 of shared/cases).
+//! so running it twice is harmless. InnoDB, utf8mb4 throughout (a 4-byte
+//! character such as an emoji is stored byte for byte).
 
 use super::sql::push_ident;
 use crate::config::Config;

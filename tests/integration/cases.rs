@@ -1,5 +1,6 @@
-//! Every line of shared/cases/malformed-and-edge.jsonl, published to its
-//! queue, with the exact expected outcome.
+//! Every line of tests/fixtures/malformed-and-edge.jsonl (its format is in
+//! tests/fixtures/README.md), published to its queue, with the exact
+//! expected outcome.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -12,7 +13,7 @@ use crate::common::{
 
 const CASES: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../shared/cases/malformed-and-edge.jsonl"
+    "/tests/fixtures/malformed-and-edge.jsonl"
 );
 
 struct Case {

@@ -1,5 +1,6 @@
-//! Outages during load (CONTRACT section 6, cases 4, 5 and 8 of
-//! shared/cases/README.md), each injected on resources the test owns: a TCP
+//! Outages during load (README, "Failure semantics": the broker closing a
+//! channel, `_bulk` rejecting some items, an outage longer than any retry
+//! budget, and more), each injected on resources the test owns: a TCP
 //! proxy in front of MySQL / Redis / Elasticsearch, a private redis-server
 //! and osmem-server, and the test vhost's own AMQP connections and channels.
 //! For each: nothing lost, nothing stored twice, nothing valid

@@ -1,5 +1,5 @@
 //! Exponential backoff with jitter, for retrying infrastructure faults in
-//! place (CONTRACT section 6): 100 ms doubling up to 30 s, each sleep drawn
+//! place (README, "Failure semantics"): 100 ms doubling up to 30 s, each sleep drawn
 //! uniformly from [d/2, d] ("equal jitter") so replicas do not retry in step.
 
 use crate::shutdown::Shutdown;

@@ -1,11 +1,11 @@
-//! Configuration from the environment (CONTRACT section 2).
+//! Configuration from the environment (README, "Configuration").
 //!
 //! This file owns the list of variables, their defaults and the parsing of
 //! each value. Nothing else reads the environment. A bad value becomes a
 //! [`ConfigError`] that names the variable and the accepted form; `main`
-//! turns it into exit code 2 (CONTRACT section 1).
+//! turns it into exit code 2 (README, "Running it").
 //!
-//! Each variable is taken from the first layer that sets it (issue 5): the
+//! Each variable is taken from the first layer that sets it: the
 //! process environment, then the `--env-file` ([`crate::env_file`]), then
 //! the default of [`VARIABLES`].
 
@@ -26,7 +26,7 @@ pub struct Variable {
     pub help: &'static str,
 }
 
-/// Every variable the writer reads, in `--help` order (CONTRACT section 2,
+/// Every variable the writer reads, in `--help` order (README, "Configuration",
 /// plus `RETRY_DELAYS` from section 3 "Topology", `MYSQL_REQUEUE_AFTER`
 /// from section 6 and `HTTP_ADDR` from section 1, `chat-writer healthcheck`).
 pub const VARIABLES: &[Variable] = &[
@@ -232,7 +232,7 @@ pub struct ConfigError {
     /// The accepted form, in words.
     pub expected: String,
     /// Where the value came from when it was not the environment or the
-    /// default: `--env-file PATH line N` (issue 5).
+    /// default: `--env-file PATH line N`.
     pub origin: Option<String>,
 }
 
@@ -363,7 +363,7 @@ impl Config {
     }
 
     /// Reads every variable of [`VARIABLES`] from the process environment,
-    /// then from `file` for those the environment does not set (issue 5):
+    /// then from `file` for those the environment does not set:
     /// a variable set in the environment, even to "", wins over the file.
     /// The process environment is only read, never changed.
     ///

@@ -1,9 +1,9 @@
 //! The count sync: Redis counters into `applications.chats_count` and
-//! `chats.messages_count` (CONTRACT section 5; the seed's cron job).
+//! `chats.messages_count` (docs/redis-and-counts.md; a cron job in the service this one replaces).
 //!
 //! Every COUNT_SYNC_INTERVAL the change sets are drained with `SPOP key
 //! 1000`, which removes members atomically: a member added while a sync
-//! runs stays in the set for the next one (case 6). The counters of each
+//! runs stays in the set for the next one. The counters of each
 //! chunk are read with one `MGET` and written with one
 //! `UPDATE … JOIN (…) SET count = new WHERE count < new`, so counts never go
 //! down and unchanged rows are not written. A chunk that fails goes back

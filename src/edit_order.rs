@@ -1,6 +1,6 @@
 //! The order of edits: which of two edits of one message is the newer.
 //!
-//! The seed's `update_messages` payload carries no version, and an edit can
+//! The `update_messages` payload carries no version, and an edit can
 //! reach the writer long after a newer one: it waited in a delay tier (its
 //! row did not exist yet), a replica without MySQL gave it back, or the
 //! broker redelivered it. So every edit gets an *edit version*, an integer

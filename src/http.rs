@@ -1,5 +1,4 @@
-//! The HTTP endpoint for health checks and metrics (CONTRACT section 1,
-//! issue 5).
+//! The HTTP endpoint for health checks and metrics (README, "Monitoring").
 //!
 //! `GET /healthz` answers `200 ok` from a task on the writer's executor, so
 //! an answer proves the process is alive and its executor is turning.

@@ -1,8 +1,8 @@
 //! `chat-writer` command line: the service, `migrate`, `--help`,
-//! `--version` (CONTRACT section 1), and `--env-file PATH` before the
-//! subcommand (issue 5). Exit codes: 0 clean, 1 fatal error, 2 bad
+//! `--version` (README, "Running it"), and `--env-file PATH` before the
+//! subcommand. Exit codes: 0 clean, 1 fatal error, 2 bad
 //! configuration or usage; `healthcheck` exits only 0 or 1, usage errors
-//! included (CONTRACT section 1).
+//! included (README, "Running it").
 
 use chat_writer::config::{Config, VARIABLES};
 use chat_writer::env_file::EnvFile;
@@ -67,7 +67,7 @@ fn config(env_file: Option<&Path>) -> Result<Config, ExitCode> {
     Config::from_env_and_file(file.as_ref()).map_err(|e| bad(&e))
 }
 
-/// Takes the leading `--env-file PATH` or `--env-file=PATH` (issue 5) off
+/// Takes the leading `--env-file PATH` or `--env-file=PATH` off
 /// `args`: returns the path, if any, and the arguments after it.
 ///
 /// Errors: the message for a missing or empty path, or a second `--env-file`.
@@ -96,7 +96,7 @@ fn split_env_file(mut args: &[String]) -> Result<(Option<PathBuf>, &[String]), S
 }
 
 /// The exit code of a usage error (bad arguments): 2, except when the
-/// subcommand is `healthcheck`, which exits only 0 or 1 (CONTRACT section 1;
+/// subcommand is `healthcheck`, which exits only 0 or 1 (README, "Running it";
 /// Docker reserves 2). The subcommand is the first argument after the
 /// leading `--env-file PATH` / `--env-file=PATH` options, as
 /// [`split_env_file`] reads them.
@@ -205,7 +205,7 @@ fn main() -> ExitCode {
             }
         }
         ["healthcheck"] => {
-            // 0 or 1 only (CONTRACT section 1; Docker reserves 2): bad
+            // 0 or 1 only (README, "Running it"; Docker reserves 2): bad
             // configuration is reported the same way, then counts as
             // unhealthy.
             let cfg = match load_config() {

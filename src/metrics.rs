@@ -47,7 +47,7 @@ pub struct DependencyLabel {
     pub dependency: Dependency,
 }
 
-/// The two kinds of count sync (CONTRACT section 5).
+/// The two kinds of count sync (docs/redis-and-counts.md).
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
 pub enum SyncKind {
@@ -130,7 +130,7 @@ pub struct Metrics {
     /// Deliveries taken but left unacked (shutdown during a MySQL retry, a
     /// broker failure before the ack): redelivered and received again.
     pub abandoned: Family<QueueLabel, Counter>,
-    /// MySQL attempts that failed and were retried in place (CONTRACT section 6).
+    /// MySQL attempts that failed and were retried in place (README, "Failure semantics").
     pub write_errors: Family<QueueLabel, Counter>,
     /// Times a consumer gave every delivery it held back to its queue and
     /// paused, MySQL having failed a batch for MYSQL_REQUEUE_AFTER.

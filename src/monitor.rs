@@ -1,4 +1,4 @@
-//! Probes and the periodic summary line (issue 5).
+//! Probes and the periodic summary line.
 //!
 //! Consumers and the count sync only learn that MySQL or Redis is down when
 //! they use them, and an idle writer uses neither; the indexer learns that

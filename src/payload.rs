@@ -1,4 +1,4 @@
-//! Payload decoding and validation (CONTRACT section 3).
+//! Payload decoding and validation (docs/queues-and-payloads.md).
 //!
 //! A delivery body becomes one of [`CreateChat`], [`CreateMessage`] or
 //! [`UpdateMessage`], or a [`Malformed`] reason that goes into the
@@ -10,7 +10,7 @@
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
 use std::fmt;
 
-/// Largest accepted payload, in bytes (CONTRACT section 3).
+/// Largest accepted payload, in bytes (docs/queues-and-payloads.md).
 pub const MAX_PAYLOAD_BYTES: usize = 1 << 20;
 /// Largest accepted `body`, in bytes of UTF-8 (the `TEXT` column).
 pub const MAX_BODY_BYTES: usize = 65_535;
@@ -88,7 +88,7 @@ struct Fields {
 }
 
 /// Reads the fields `known` to one queue; every other value is skipped,
-/// whatever its type (CONTRACT section 3: unknown fields are ignored).
+/// whatever its type (docs/queues-and-payloads.md: unknown fields are ignored).
 struct FieldsVisitor {
     known: &'static [&'static str],
 }

@@ -856,7 +856,7 @@ fn fate(o: Outcome, parent: &'static str) -> Fate {
 }
 
 /// How long a MySQL attempt already running when shutdown comes may still
-/// take (CONTRACT section 6: the batch already taken is finished and acked).
+/// take (README, "Failure semantics": the batch already taken is finished and acked).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// Waits for `f` up to [`SHUTDOWN_GRACE`]: `Some` if it finished.

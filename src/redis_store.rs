@@ -1,5 +1,5 @@
 //! Redis: one multiplexed connection, reopened after a failure, and the
-//! change markers the writer adds after inserting rows (CONTRACT section 5).
+//! change markers the writer adds after inserting rows (docs/redis-and-counts.md).
 //!
 //! Consumers never wait on Redis: after a commit they hand their markers to
 //! [`MarkerSender`]; the [`run_marker_flusher`] task adds them to

@@ -8,7 +8,7 @@
 //! cancelled, the connection closed (unacked deliveries return to their
 //! queues) and a new one opened with backoff.
 //!
-//! Shutdown (CONTRACT section 6): the first SIGTERM/SIGINT stops the
+//! Shutdown (README, "Failure semantics"): the first SIGTERM/SIGINT stops the
 //! consumers taking deliveries; the batches in hand finish and are acked;
 //! then the markers are flushed, a final count sync runs, connections
 //! close and the process exits 0. SHUTDOWN_TIMEOUT is a hard deadline

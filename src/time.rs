@@ -2,7 +2,7 @@
 //!
 //! The writer needs exactly three conversions: the AMQP `timestamp` property
 //! (seconds) or "now" into a row's `created_at`, a MySQL `DATETIME(6)`
-//! literal, and the RFC 3339 form of CONTRACT section 7
+//! literal, and the RFC 3339 form of docs/elasticsearch.md
 //! (`2026-11-29T12:00:00.123456Z`). The civil-date arithmetic is Howard
 //! Hinnant's `civil_from_days`, exact for the proleptic Gregorian calendar.
 
@@ -21,7 +21,7 @@ pub fn now_micros() -> Micros {
 
 /// `created_at` for a delivery: the AMQP `timestamp` (seconds) when the
 /// publisher set one and it fits MySQL's DATETIME range (years 1000..9999),
-/// else `now` (CONTRACT section 3).
+/// else `now` (docs/queues-and-payloads.md).
 pub fn created_at(amqp_timestamp: Option<u64>, now: Micros) -> Micros {
     const MIN: i64 = -30_610_224_000; // 1000-01-01T00:00:00Z
     const MAX: i64 = 253_402_300_799; // 9999-12-31T23:59:59Z
@@ -58,7 +58,7 @@ pub fn push_mysql_datetime(out: &mut String, micros: Micros) {
 }
 
 /// RFC 3339 UTC with microseconds, e.g. `2026-11-29T12:00:00.123456Z`
-/// (CONTRACT section 7).
+/// (docs/elasticsearch.md).
 pub fn rfc3339(micros: Micros) -> String {
     let (y, mo, d, h, mi, s, us) = civil(micros);
     format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{us:06}Z")

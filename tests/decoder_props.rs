@@ -1,4 +1,4 @@
-//! Property test of the payload decoders (CONTRACT section 3), no services.
+//! Property test of the payload decoders (docs/queues-and-payloads.md), no services.
 //!
 //! Inputs: arbitrary bytes, JSON-shaped random objects, and mutations of
 //! valid payloads (byte flips, truncations, insertions of JSON tokens,

@@ -3,10 +3,10 @@
 //!
 //! Every message the writer publishes is `mandatory` (an unroutable message
 //! comes back instead of vanishing) and confirmed by the broker before the
-//! delivery it stands for is acked (CONTRACT section 6, last line). Dead
+//! delivery it stands for is acked (README, "Failure semantics", last line). Dead
 //! letters and retries keep the body byte for byte and the original
 //! properties and headers, and carry `x-retry-count`, `x-original-queue`,
-//! `x-error` and `x-first-failure` (CONTRACT section 3, Topology).
+//! `x-error` and `x-first-failure` (docs/queues-and-payloads.md, Topology).
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};

@@ -1,6 +1,6 @@
 //! Queue declarations (README, "How it works": the work queues, their dead-letter and delay queues).
 //!
-//! A queue that exists is used as it is, whatever its arguments (case 3):
+//! A queue that exists is used as it is, whatever its arguments (an older writer or the API may have made it):
 //! the writer asks with a passive declare first and only declares a queue
 //! that is absent, durable, with no arguments (work, dead-letter and index
 //! queues) or with the delay arguments (retry tiers). A

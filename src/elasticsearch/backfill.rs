@@ -1,4 +1,4 @@
-//! Rebuilding the index from MySQL (CONTRACT section 7).
+//! Rebuilding the index from MySQL (docs/elasticsearch.md).
 //!
 //! Two ways in, one unit of work (`messages_after`: 1,000 rows in id order,
 //! encoded as one bulk body):

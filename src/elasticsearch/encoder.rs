@@ -1,4 +1,4 @@
-//! Bulk encoding of message documents (CONTRACT section 7).
+//! Bulk encoding of message documents (docs/elasticsearch.md).
 //!
 //! One document is two NDJSON lines: the action
 //! `{"index":{"_id":"<token>:<chat_number>:<number>","version":<updated_at µs>,"version_type":"external_gte"}}`

@@ -2,7 +2,7 @@
 //!
 //! ureq is a small blocking client; every request runs on smol's blocking
 //! thread pool (`smol::unblock`) so the executor thread never waits on the
-//! network (CONTRACT section 1). `encoder` turns rows into bulk lines,
+//! network (README, "Running it"). `encoder` turns rows into bulk lines,
 //! `retry` classifies responses, `indexer` drains the internal index queue.
 
 pub mod backfill;
@@ -15,7 +15,7 @@ use retry::BulkVerdict;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// The field mapping of the seed (CONTRACT section 7).
+/// The field mapping (docs/elasticsearch.md).
 pub const PROPERTIES: &str = r#"{"token":{"type":"keyword"},"chat_number":{"type":"integer"},"number":{"type":"integer"},"body":{"type":"text"},"created_at":{"type":"date"}}"#;
 
 /// The `_meta.chat_writer` object of an index whose backfill is not done:

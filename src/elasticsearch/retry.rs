@@ -1,5 +1,5 @@
 //! The retry decision for `_bulk`, written as an explicit classification of
-//! responses (CONTRACT section 6 row "Elasticsearch", case 5).
+//! responses (README, "Failure semantics"; docs/elasticsearch.md).
 //!
 //! A bulk request can fail as a whole (transport error, 429, 5xx, index
 //! missing) or answer 200 with `"errors": true` and a status per item. Items

@@ -1,5 +1,5 @@
-//! Watching the index, so a lost index converges on its own (CONTRACT
-//! section 7).
+//! Watching the index, so a lost index converges on its own
+//! (docs/elasticsearch.md).
 //!
 //! The indexer checks the index before bulks (at most every second), before
 //! each retry of a failed bulk, and when idle (every few seconds):

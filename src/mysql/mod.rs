@@ -2,7 +2,7 @@
 //!
 //! mysql_async is tokio-based; every future of it is polled inside
 //! `async_compat::Compat`, which runs a small tokio runtime on one helper
-//! thread for its I/O (CONTRACT section 1 allows this adapter thread). All
+//! thread for its I/O (README, "Running it" allows this adapter thread). All
 //! statements of a batch share one transaction on one pooled connection.
 //!
 //! Errors are classified once, in [`classify`]: a fault of the message
@@ -23,7 +23,7 @@ use mysql_async::{Conn, Opts, OptsBuilder, Pool, PoolConstraints, PoolOpts};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// Statements run on every new connection: utf8mb4 end to end (case 1),
+/// Statements run on every new connection: utf8mb4 end to end (emoji round-trip),
 /// UTC, strict mode with backslash escapes (see `sql`), READ COMMITTED.
 /// They hold for the connection's life: the pool does not reset returned
 /// connections (see [`opts`]).
@@ -39,7 +39,7 @@ pub fn connection_init() -> Vec<String> {
     ]
 }
 
-/// How a database error counts (CONTRACT section 6).
+/// How a database error counts (README, "Failure semantics").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Fault {
     /// Connection refused/reset, server gone, deadlock, lock wait timeout,

@@ -12,7 +12,7 @@ use async_compat::Compat;
 use mysql_async::prelude::Queryable;
 use mysql_async::Conn;
 
-/// The `CREATE TABLE IF NOT EXISTS` statements of CONTRACT section 4, in
+/// The `CREATE TABLE IF NOT EXISTS` statements of docs/mysql-schema.md, in
 /// dependency order (also used by perf/ to set up its own databases).
 pub const TABLES: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS applications (

@@ -1,4 +1,4 @@
-//! The batched writes of the three consumers (CONTRACT section 4).
+//! The batched writes of the three consumers (docs/mysql-schema.md).
 //!
 //! Each call writes a whole batch in ONE transaction (READ COMMITTED):
 //! a parent check (`SELECT id … IN (…)`), one multi-row
@@ -132,7 +132,7 @@ async fn existing_ids(
 }
 
 /// Parent ids known to exist. Applications and chats are never deleted
-/// (CONTRACT section 4), so once seen a parent stays; the set only saves
+/// (docs/mysql-schema.md), so once seen a parent stays; the set only saves
 /// the `SELECT … IN` of later batches. Bounded: cleared past 200,000 ids.
 #[derive(Debug, Default)]
 pub struct KnownParents {
@@ -622,7 +622,7 @@ impl Store {
     }
 
     /// Up to `limit` message rows with `id > after_id`, in id order: the
-    /// unit of a backfill or `reindex` pass (CONTRACT section 7).
+    /// unit of a backfill or `reindex` pass (docs/elasticsearch.md).
     ///
     /// Errors: any MySQL error (the caller retries or exits).
     pub async fn messages_after(

@@ -237,7 +237,7 @@ impl TestEnv {
         Amqp::connect(&self.amqp_url(), &self.vhost).await
     }
 
-    /// The full, valid environment for the writer (CONTRACT section 2), with
+    /// The full, valid environment for the writer (README, "Configuration"), with
     /// test-friendly intervals.
     pub fn writer_env(&self) -> BTreeMap<String, String> {
         let http_port = free_port();
@@ -645,7 +645,7 @@ pub fn base64_decode(s: &str) -> Vec<u8> {
     out
 }
 
-/// The document the writer must index for `row` (CONTRACT section 7).
+/// The document the writer must index for `row` (docs/elasticsearch.md).
 pub fn expected_source(row: &MessageRow) -> serde_json::Value {
     serde_json::json!({
         "token": row.token,

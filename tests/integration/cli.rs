@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::common::{artefact_dir, TestEnv, Writer};
 
-/// Every variable of CONTRACT section 2.
+/// Every variable of README, "Configuration".
 const VARIABLES: [&str; 16] = [
     "DATABASE_HOST",
     "DATABASE_PORT",
@@ -315,7 +315,7 @@ fn bad_configuration_exits_2_naming_the_variable() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-/// CONTRACT section 1: `chat-writer healthcheck` asks the running writer's
+/// README, "Running it": `chat-writer healthcheck` asks the running writer's
 /// `/healthz` at HTTP_ADDR: 0 while it runs, 1 when nothing answers.
 #[test]
 fn healthcheck_asks_the_running_writer() {
@@ -346,7 +346,7 @@ fn healthcheck_asks_the_running_writer() {
     });
 }
 
-// ---- `--env-file PATH` (issue 5) ----
+// ---- `--env-file PATH` ----
 
 static ENV_FILES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
@@ -553,7 +553,7 @@ fn run_raw(args: &[&[u8]], vars: &[(&str, &[u8])]) -> (Option<i32>, String) {
 
 /// A variable set to bytes that are not UTF-8 is a configuration error
 /// naming it (exit 2), not an unset variable that a file or default fills;
-/// `healthcheck` reports it the same way but exits 1 (CONTRACT section 1:
+/// `healthcheck` reports it the same way but exits 1 (README, "Running it":
 /// 0 or 1; Docker reserves 2), and so it does for every usage error: an
 /// extra argument, a misplaced or missing `--env-file` path, a file over
 /// 1 MiB, an argument that is not UTF-8. The same usage errors with another

@@ -1,4 +1,4 @@
-//! Happy paths of the three consumers, duplicates, and scenario cases 1 and 2.
+//! Happy paths of the three consumers, duplicates, emoji bodies and edits that change nothing.
 
 use std::time::Duration;
 
@@ -143,7 +143,7 @@ fn create_chats_happy_path() {
             "the application row is untouched by create_chats"
         );
 
-        // CONTRACT 5: after creating a chat the writer marks <token> and <token>:<number>.
+        // docs/redis-and-counts.md: after creating a chat the writer marks <token> and <token>:<number>.
         let e = &env;
         wait_until(
             "change markers of the new chats",
@@ -449,7 +449,7 @@ fn duplicate_creates_keep_the_original() {
     });
 }
 
-/// Case 1 (emoji) plus the contract's other valid bodies: empty, with NUL.
+/// Emoji bodies plus the other valid bodies: empty, with NUL.
 #[test]
 fn case1_emoji_and_edge_bodies_round_trip() {
     let env = TestEnv::new("case1_emoji");
@@ -508,7 +508,7 @@ fn case1_emoji_and_edge_bodies_round_trip() {
     });
 }
 
-/// Case 2: an update whose body equals the stored body is a success: no
+/// An update whose body equals the stored body is a success: no
 /// retry, no dead letter, updated_at still increases (it is the ES version).
 #[test]
 fn case2_identical_update_is_success() {
@@ -581,7 +581,7 @@ fn case2_identical_update_is_success() {
     });
 }
 
-/// Case 3: the queue already exists with other arguments (the old service's
+/// The queue already exists with other arguments (the old service's
 /// dead-letter exchange). The writer consumes it as it is and still
 /// dead-letters by publishing to `<queue>.dlq` itself.
 #[test]

@@ -1,4 +1,4 @@
-//! Count sync (CONTRACT section 5) and scenario cases 6 and 7.
+//! Count sync (docs/redis-and-counts.md): markers added during a sync, counts synced before their rows.
 
 use std::time::{Duration, Instant};
 
@@ -184,7 +184,7 @@ fn counts_are_never_lowered() {
     });
 }
 
-/// Case 7: the counter is synced before the chat row exists; when the chat
+/// The counter is synced before the chat row exists; when the chat
 /// arrives the writer marks it again, so the count lands.
 #[test]
 fn case7_count_synced_before_its_row_exists() {
@@ -225,7 +225,7 @@ fn case7_count_synced_before_its_row_exists() {
     });
 }
 
-/// Case 6 at black-box level: markers added while syncs run are never lost.
+/// At black-box level: markers added while syncs run are never lost.
 #[test]
 fn case6_markers_added_during_sync_are_synced() {
     let env = TestEnv::new("case6_markers_during_sync");
@@ -314,7 +314,7 @@ fn case6_markers_added_during_sync_are_synced() {
     });
 }
 
-/// Case 6, made deterministic with the library's own sync: the sync has
+/// Markers added during a sync, made deterministic with the library's own sync: the sync has
 /// taken its members and is blocked in MySQL (a test transaction holds the
 /// application row) when a new member is added. The new member must still
 /// be in the set after that sync finishes, and the next sync applies it.

@@ -1,4 +1,4 @@
-//! Elasticsearch (CONTRACT section 7): mapping, ids, whole documents,
+//! Elasticsearch (docs/elasticsearch.md): mapping, ids, whole documents,
 //! external versions.
 
 use std::time::Duration;

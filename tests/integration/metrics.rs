@@ -1,4 +1,4 @@
-//! The HTTP endpoint of issue 5: `/metrics` counts exactly what a test
+//! The HTTP endpoint: `/metrics` counts exactly what a test
 //! published, stored and dead-lettered; `/readyz` follows the broker and
 //! MySQL connections.
 

@@ -130,7 +130,7 @@ async fn converge(
     t
 }
 
-/// Case 8: MySQL unreachable (through a proxy the test owns) for 6 s while
+/// MySQL unreachable (through a proxy the test owns) for 6 s while
 /// messages keep coming: nothing dead-lettered, all stored once after.
 #[test]
 fn case8_mysql_unreachable_during_load() {
@@ -255,7 +255,7 @@ fn redis_unreachable_during_load() {
     });
 }
 
-/// Case 4: during a backlog the broker closes the consumers' channels (as
+/// During a backlog the broker closes the consumers' channels (as
 /// `consumer_timeout` does), then closes the writer's connections again and
 /// again for 5 s. The writer reconnects, resumes every consumer, and the
 /// redelivered messages are stored once.
@@ -346,7 +346,7 @@ fn case4_broker_closes_channels_and_connections() {
     });
 }
 
-/// Case 5: Elasticsearch unreachable (a proxy in front of a private
+/// Elasticsearch unreachable (a proxy in front of a private
 /// osmem-server) for 6 s during load: MySQL writes continue, index work
 /// waits, and every document lands afterwards. A document already at a
 /// higher external version stays, and its 409 does not block the queue.

@@ -1,6 +1,6 @@
 //! Recovery paths found by review: an index lost while the writer could not
 //! see it, a backfill cut short, and SIGTERM while a dependency hangs
-//! (CONTRACT sections 6 and 7). Faults are injected on resources the test
+//! (README, "Failure semantics"; docs/elasticsearch.md). Faults are injected on resources the test
 //! owns (a private osmem-server, a freezing proxy in front of MySQL).
 
 use std::net::SocketAddr;

@@ -1,4 +1,4 @@
-//! Issue 5, "several writers at once": three writer processes on the same
+//! Several writers at once: three writer processes on the same
 //! database, vhost, Redis DB and index drain ONE backlog of 30,000 creates
 //! (six chats of two applications) and 3,000 edits of them, with Redis
 //! counters and change sets set the way the API sets them.

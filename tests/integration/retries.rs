@@ -1,4 +1,4 @@
-//! Delayed retries (CONTRACT sections 3 "Topology" and 6): a parent or row
+//! Delayed retries (docs/queues-and-payloads.md, "Topology"; README, "Failure semantics"): a parent or row
 //! that is not there yet goes through `<queue>.retry.<delay>` and lands when
 //! it arrives; one that never arrives ends in `<queue>.dlq` with the retry
 //! headers. A value MySQL refuses inside a batch is isolated by bisection.

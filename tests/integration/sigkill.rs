@@ -1,4 +1,4 @@
-//! SIGKILL at random points (CONTRACT section 6): a 20,000-message backlog
+//! SIGKILL at random points (README, "Failure semantics"): a 20,000-message backlog
 //! (creates on a few chats plus edits of messages created earlier), the
 //! writer killed 3 to 5 times in a row after random delays, then a clean run
 //! until drained: every row exactly once, every document indexed with its

@@ -102,7 +102,7 @@ impl Redis {
     }
 
     /// The shared connection, opened if needed (2 s to connect, TLS
-    /// handshake included; 5 s per response).
+    /// handshake and set-up included; 5 s per response).
     ///
     /// Errors: redis-rs's (refused, authentication, timeout), or a TLS
     /// failure whose text names the reason (see [`crate::tls::refusal`]).
@@ -131,9 +131,12 @@ impl Redis {
         Ok(c)
     }
 
-    /// TCP connect and TLS handshake within [`CONNECT_TIMEOUT`], then
-    /// redis-rs's set-up (AUTH, SELECT) on the stream; its driver runs on
-    /// smol's global executor, as redis-rs runs its own.
+    /// TCP connect, TLS handshake and redis-rs's set-up on the stream
+    /// (AUTH, SELECT) within [`CONNECT_TIMEOUT`], as redis-rs bounds its
+    /// own connect and set-up: a server that completes the handshake and
+    /// then never answers fails like any other instead of holding the
+    /// caller. The connection's driver runs on smol's global executor, as
+    /// redis-rs runs its own.
     #[cfg(feature = "tls")]
     async fn open_tls(
         &self,
@@ -152,32 +155,38 @@ impl Redis {
                 std::io::ErrorKind::NotFound,
                 format!("{}: no address", t.host),
             );
+            let mut stream = None;
             for addr in addrs {
                 match async_io::Async::<std::net::TcpStream>::connect(addr).await {
-                    Ok(stream) => {
-                        let _ = stream.get_ref().set_nodelay(true);
-                        let connector = tcp_stream::RustlsConnector::from(t.config.clone());
-                        return tcp_stream::AsyncTcpStream::Plain(stream)
-                            .into_rustls(&connector, &t.host)
-                            .await;
+                    Ok(s) => {
+                        let _ = s.get_ref().set_nodelay(true);
+                        stream = Some(s);
+                        break;
                     }
                     Err(e) => last = e,
                 }
             }
-            Err(last)
+            let stream = stream.ok_or(last)?;
+            let connector = tcp_stream::RustlsConnector::from(t.config.clone());
+            let stream = tcp_stream::AsyncTcpStream::Plain(stream)
+                .into_rustls(&connector, &t.host)
+                .await?;
+            let settings = self.client.get_connection_info().redis_settings();
+            MultiplexedConnection::new_with_config(
+                settings,
+                async_compat::Compat::new(stream),
+                config,
+            )
+            .await
         };
         let timeout = async {
             async_io::Timer::after(CONNECT_TIMEOUT).await;
-            Err(std::io::Error::new(
+            Err(redis::RedisError::from(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
-                "connection timed out (TCP and TLS handshake)",
-            ))
+                "connection timed out (TCP, TLS handshake and AUTH/SELECT; a plain Redis port given as rediss:// does this too)",
+            )))
         };
-        let stream = open.or(timeout).await?;
-        let stream = async_compat::Compat::new(stream);
-        let settings = self.client.get_connection_info().redis_settings();
-        let (conn, driver) =
-            MultiplexedConnection::new_with_config(settings, stream, config).await?;
+        let (conn, driver) = open.or(timeout).await?;
         smol::spawn(driver).detach();
         Ok(conn)
     }

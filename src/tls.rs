@@ -131,7 +131,7 @@ pub fn refusal(text: &str) -> Option<&'static str> {
     if t.contains("UnknownIssuer") || t.contains("unknown issuer") {
         Some("unknown issuer: the server's certificate is not signed by a trusted CA")
     } else if t.contains("not valid for any names") {
-        Some("name mismatch: the server's certificate names no host in a subjectAltName (a CN alone is not checked; MySQL's auto-generated certificates are like this)")
+        Some("name mismatch: the server's certificate names no host in a subjectAltName (a CN alone is not checked)")
     } else if t.contains("not valid for name") || t.contains("NotValidForName") {
         Some("name mismatch: the server's certificate is not valid for this host name")
     } else if t.contains("certificate expired") || t.contains("Expired") {

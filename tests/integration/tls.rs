@@ -893,7 +893,7 @@ fn mysql_verify_ca_takes_a_wildcard_and_names_the_cn_only_refusal() {
     let port = mysql.port;
     assert!(
         log.contains(&format!(
-            "migrate failed: mysql 127.0.0.1:{port}: name mismatch: the server's certificate names no host in a subjectAltName (a CN alone is not checked; MySQL's auto-generated certificates are like this) (",
+            "migrate failed: mysql 127.0.0.1:{port}: name mismatch: the server's certificate names no host in a subjectAltName (a CN alone is not checked) (",
         )),
         "{log}"
     );
@@ -1353,6 +1353,46 @@ fn es_url_credentials_are_percent_decoded() {
         );
         amqp.close().await;
     });
+}
+
+/// A Redis TLS endpoint that completes the handshake and then never
+/// answers (a hung server behind a TLS terminator): the connect, set-up
+/// included, gives up within the connect timeout and is retried, like a
+/// plain connection, instead of holding the count sync for good.
+#[test]
+fn redis_silent_after_the_handshake_times_out_and_is_retried() {
+    let env = TestEnv::new("tls_redis_silent");
+    let pki = Pki::new();
+    let ca = pki.ca_file();
+    // Takes TCP connections (the kernel's backlog) and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let proxy = TlsProxy::start(silent.local_addr().expect("address"), &pki.server);
+    let vars = Vars::new(&env)
+        .set("REDIS_URL", format!("rediss://127.0.0.1:{}/0", proxy.port))
+        .set("REDIS_TLS_CA_FILE", path(&ca));
+    smol::block_on(async {
+        env.migrate_and_seed().await;
+        let amqp = env.amqp().await;
+        amqp.declare_work_queues().await;
+        let mut w = env.spawn_vars(&[], &vars.0);
+        env.wait_consuming(&mut w).await;
+        let gave_up = "redis: connection timed out (TCP, TLS handshake and AUTH/SELECT";
+        let started = std::time::Instant::now();
+        let wr = &w;
+        wait_until("two connects given up", WAIT, POLL, || async {
+            lines_with(&wr.log(), gave_up).len() >= 2
+        })
+        .await;
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "{}",
+            w.log_tail(20)
+        );
+        assert!(proxy.handshakes() >= 2, "the handshakes completed");
+        w.stop();
+        amqp.close().await;
+    });
+    drop(silent);
 }
 
 /// redis-rs reads `rediss://…#insecure` as "do not verify the certificate"

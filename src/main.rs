@@ -116,13 +116,20 @@ fn usage_exit(args: &[OsString]) -> ExitCode {
     }
 }
 
-/// A MySQL error in one line, without the driver's doubled
-/// "Input/output error:" in front of an I/O error's own words.
-fn mysql_error(e: &mysql_async::Error) -> String {
-    match e {
+/// `mysql HOST:PORT: <error>` for a subcommand's failure: the error in one
+/// line, without the driver's doubled "Input/output error:" in front of an
+/// I/O error's own words, a TLS or credential refusal named first.
+fn mysql_failure(cfg: &Config, e: &mysql_async::Error) -> String {
+    let text = match e {
         mysql_async::Error::Io(mysql_async::IoError::Io(io)) => io.to_string(),
         e => e.to_string(),
-    }
+    };
+    format!(
+        "mysql {}:{}: {}",
+        cfg.database_host,
+        cfg.database_port,
+        chat_writer::tls::explain(&text)
+    )
 }
 
 /// Logs the start-up warnings about the TLS variables of the services a
@@ -194,12 +201,7 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    log::error!(
-                        "migrate failed: mysql {}:{}: {}",
-                        cfg.database_host,
-                        cfg.database_port,
-                        chat_writer::tls::explain(&mysql_error(&e))
-                    );
+                    log::error!("migrate failed: {}", mysql_failure(&cfg, &e));
                     ExitCode::from(1)
                 }
             }
@@ -248,12 +250,7 @@ fn main() -> ExitCode {
                 })
                 .await;
                 if let Err(e) = first {
-                    return Err(format!(
-                        "mysql {}:{}: {}",
-                        cfg.database_host,
-                        cfg.database_port,
-                        chat_writer::tls::explain(&mysql_error(&e))
-                    ));
+                    return Err(mysql_failure(&cfg, &e));
                 }
                 let r = chat_writer::elasticsearch::backfill::reindex(&store, &client).await;
                 store.close().await;

@@ -90,7 +90,7 @@ fn item_verdict(status: u16, kind: &str, reason: &str) -> ItemVerdict {
         401 | 403 => ItemVerdict::Refused(one_line(&format!("{status} {kind}: {reason}"))),
         // 429 and 5xx pass.
         429 | 500..=599 => ItemVerdict::Retry(format!("{status} {kind}: {reason}")),
-        _ => ItemVerdict::Reject(format!("{status} {kind}: {reason}").replace(['\n', '\r'], " ")),
+        _ => ItemVerdict::Reject(one_line(&format!("{status} {kind}: {reason}"))),
     }
 }
 
@@ -109,6 +109,8 @@ impl BulkVerdict {
     }
 }
 
+/// `s` on one line (a reason goes into a log line and an `x-error` header),
+/// whole: a rejected document's reason is not cut.
 fn one_line(s: &str) -> String {
     s.replace(['\n', '\r'], " ")
 }
@@ -132,9 +134,7 @@ pub fn classify(status: u16, body: &[u8], expected: usize) -> BulkVerdict {
         413 => return BulkVerdict::TooLarge,
         400 => {
             let (kind, reason) = top_error();
-            return BulkVerdict::RejectAll(
-                format!("400 {kind}: {reason}").replace(['\n', '\r'], " "),
-            );
+            return BulkVerdict::RejectAll(one_line(&format!("400 {kind}: {reason}")));
         }
         // 401/403 are configuration problems an operator fixes, never the
         // documents' fault: retry, with the reason the probe would give.
